@@ -1,0 +1,49 @@
+# Atelier: one GPU, one Discord community, one command.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= test,safety,postgres
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install run demo test test-fast bench lint format tiny-model clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: the pin picks the CPU wheel on this kind of machine and the CUDA build
+# on a Linux GPU box; an unpinned torch would pull a multi-GB CUDA build anywhere.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+run: install
+	$(BIN)/atelier run
+
+demo: install
+	$(BIN)/atelier demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m 'not slow and not bench'
+
+bench: install
+	$(BIN)/pytest -m bench tests/bench -s -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+tiny-model: install
+	$(BIN)/atelier tiny-model data/tiny-sdxl
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
