@@ -15,6 +15,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,12 +188,36 @@ class SafetySettings(Section):
     enabled: bool = True
     action: Literal["withhold", "spoiler"] = "withhold"
     threshold: float = Field(0.6, ge=0.0, le=1.0)
+    explicit_labels: list[str] = Field(
+        default_factory=lambda: [
+            "FEMALE_GENITALIA_EXPOSED",
+            "MALE_GENITALIA_EXPOSED",
+            "FEMALE_BREAST_EXPOSED",
+            "BUTTOCKS_EXPOSED",
+            "ANUS_EXPOSED",
+        ]
+    )
 
 
 class StorageSettings(Section):
     output_dir: str = "data/outputs"
     retention_days: float = Field(30, ge=0)
     max_gb: float = Field(20.0, ge=0)
+
+
+class ModerationSettings(Section):
+    # Operator-wide blocklist (regex, case-insensitive), checked besides each server's own list.
+    blocklist: list[str] = Field(default_factory=list)
+
+    @field_validator("blocklist")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern, re.IGNORECASE)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
 
 
 class MetricsSettings(Section):
@@ -219,6 +244,7 @@ class Settings(BaseSettings):
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
+    moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -300,10 +326,17 @@ def config_path_from_env(environ: Mapping[str, str]) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
+# Set while load_settings() is given its own [models]: like a [models] table in the operator's
+# file, programmatic models replace the file's list instead of merging into it.
+_MODELS_GIVEN: ContextVar[bool] = ContextVar("models_given", default=False)
+
+
 class TomlFilesSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
         self._data = merged_toml(config_path_from_env(os.environ))
+        if _MODELS_GIVEN.get():
+            self._data.pop("models", None)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
@@ -334,6 +367,7 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Load and validate the settings; raise ConfigError with one line naming the bad key."""
+    token = _MODELS_GIVEN.set("models" in overrides)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -341,6 +375,8 @@ def load_settings(**overrides: Any) -> Settings:
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ConfigError(f"invalid config: {_describe(first)}{suffix}") from None
+    finally:
+        _MODELS_GIVEN.reset(token)
 
 
 def read_token(environ: Mapping[str, str]) -> str:

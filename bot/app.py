@@ -1,0 +1,160 @@
+"""The Atelier bot: a small `commands.Bot` whose `setup_hook` wires the parts together.
+
+Start-up order matters for the "never lose a job" guarantee: the database is upgraded and the
+scheduler recovers queued/running jobs before the first interaction can arrive; the engine loads
+its models in the background (that can take minutes with real SDXL), and the scheduler simply waits
+for it, so the bot answers commands from its first second online.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import discord
+import yarl
+from discord.ext import commands
+
+from bot.views import DYNAMIC_ITEMS
+from config.settings import Settings
+from engine.spec import EngineClient, EngineHealth, Job, Progress, Result
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (
+    "bot.commands.generate",
+    "bot.commands.images",
+    "bot.commands.models",
+    "bot.commands.account",
+    "bot.commands.mod",
+)
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def point_discord_at(api_base: str, gateway: str) -> None:
+    """discord.py keeps its endpoints in class attributes; the contract lets operators move them."""
+    discord.http.Route.BASE = api_base.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
+
+
+class StartingEngine:
+    """An EngineClient that starts the real one in the background and makes `submit` wait for it,
+    so a slow model load never delays the bot's own start-up."""
+
+    def __init__(self, inner: EngineClient) -> None:
+        self.inner = inner
+        self.slots = inner.slots
+        self._started: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.create_task(self.inner.start(), name="engine-start")
+
+    async def ready(self) -> None:
+        await self.start()
+        assert self._started is not None
+        await asyncio.shield(self._started)
+
+    async def submit(self, job: Job) -> AsyncIterator[Progress | Result]:
+        await self.ready()
+        async for item in self.inner.submit(job):
+            yield item
+
+    async def cancel(self, job_id: str) -> bool:
+        return await self.inner.cancel(job_id)
+
+    async def close(self) -> None:
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        await self.inner.close()
+
+    def health(self) -> EngineHealth:
+        return self.inner.health()
+
+
+def make_engine(settings: Settings) -> EngineClient:
+    if settings.engine.backend == "ray":
+        from engine.ray_client import RayEngineClient  # optional extra
+
+        return RayEngineClient(settings)
+    from engine.client import LocalEngineClient
+
+    return LocalEngineClient(settings)
+
+
+class AtelierBot(commands.Bot):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine_factory: Callable[[Settings], EngineClient] = make_engine,
+        **options: Any,
+    ) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        options.setdefault("guild_ready_timeout", 1.0)
+        super().__init__(
+            command_prefix=commands.when_mentioned, intents=intents, help_command=None, **options
+        )
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.accepting = True
+
+    async def setup_hook(self) -> None:
+        from bot.services import build_services
+
+        self.services = await build_services(self, self.settings, self._engine_factory)
+        self.requests = self.services.requests
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        guild_id = self.settings.discord.dev_guild_id
+        try:
+            if guild_id:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+            else:
+                synced = await self.tree.sync()
+        except discord.HTTPException as exc:
+            # The bot still works with the commands Discord already has; say so and go on.
+            log.error("command sync failed: %s %s", exc.status, exc.text)
+            return
+        log.info("synced %d commands %s", len(synced), f"to guild {guild_id}" if guild_id else "globally")
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop taking work, let the running job finish or requeue it, then disconnect."""
+        if not self.accepting:
+            return
+        self.accepting = False
+        log.info("shutting down: grace %.0f s for the running job", grace)
+        services = getattr(self, "services", None)
+        if services is not None:
+            await services.stop(grace)
+        await self.close()
+
+
+def run_bot(settings: Settings, token: str) -> int:
+    """`atelier run`: connect to Discord (or a compatible server) until SIGTERM/SIGINT."""
+    point_discord_at(settings.discord.api_base, settings.discord.gateway)
+
+    async def main() -> None:
+        bot = AtelierBot(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.create_task(bot.shutdown()))
+        async with bot:
+            try:
+                await bot.start(token)
+            except discord.LoginFailure:
+                log.error("Discord refused the token (401): check DISCORD_TOKEN")
+                raise SystemExit(2) from None
+
+    asyncio.run(main())
+    return 0

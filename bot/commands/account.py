@@ -1,0 +1,42 @@
+"""A member's own view: /quota, /queue, /cancel, /job."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.commands.common import own_jobs_autocomplete
+
+if TYPE_CHECKING:
+    from bot.app import AtelierBot
+
+
+class Account(commands.Cog):
+    def __init__(self, bot: AtelierBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="quota", description="Your allowance, what you used and when it resets")
+    async def quota(self, interaction: discord.Interaction) -> None:
+        await self.bot.requests.show_quota(interaction)
+
+    @app_commands.command(name="queue", description="Your queued and running jobs")
+    async def queue(self, interaction: discord.Interaction) -> None:
+        await self.bot.requests.show_own_queue(interaction)
+
+    @app_commands.command(name="cancel", description="Cancel one of your jobs (its cost is refunded)")
+    @app_commands.describe(job="The job id (shown as Job <id>)")
+    @app_commands.autocomplete(job=own_jobs_autocomplete)
+    async def cancel(self, interaction: discord.Interaction, job: str) -> None:
+        await self.bot.requests.cancel_command(interaction, job, as_moderator=False)
+
+    @app_commands.command(name="job", description="Post a finished job's result again, with its buttons")
+    @app_commands.describe(id="The job id (shown as Job <id>)")
+    async def job(self, interaction: discord.Interaction, id: str) -> None:
+        await self.bot.requests.repost(interaction, id)
+
+
+async def setup(bot: AtelierBot) -> None:
+    await bot.add_cog(Account(bot))

@@ -1,0 +1,43 @@
+"""Small helpers the command cogs share."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+
+if TYPE_CHECKING:
+    from bot.app import AtelierBot
+
+MAX_CHOICES = 25
+
+
+def set_choices(command: app_commands.Command, parameter: str, names: list[str]) -> None:
+    """Replace a parameter's choices at start-up (they come from the operator's config)."""
+    command._params[parameter].choices = [
+        app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]
+    ]
+
+
+async def model_autocomplete(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    bot: AtelierBot = interaction.client  # type: ignore[assignment]
+    needle = current.lower()
+    names = [name for name in bot.settings.models if needle in name.lower()]
+    return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
+
+
+async def own_jobs_autocomplete(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    bot: AtelierBot = interaction.client  # type: ignore[assignment]
+    return await bot.requests.own_job_choices(interaction, current)
+
+
+async def any_jobs_autocomplete(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    bot: AtelierBot = interaction.client  # type: ignore[assignment]
+    return await bot.requests.active_job_choices(interaction, current)

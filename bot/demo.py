@@ -1,0 +1,142 @@
+"""`atelier demo`: a scripted session, fully offline.
+
+Starts the built-in Discord-compatible sandbox on 127.0.0.1, the real bot against it and the tiny
+random-weight SDXL, then plays what a community does on a first evening: generate, reroll,
+upscale, a 4-image grid with a variation, refine an uploaded image, a moderator lowering a quota,
+and the over-quota refusal that follows. Every posted image and an HTML transcript of the channel
+go to the output folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.harness import Studio, job_id_of, open_studio, tiny_settings
+from bot.sandbox import write_transcript
+from config.settings import Settings
+from engine.tiny import build_tiny_sdxl
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_DIR = Path("data/tiny-sdxl")
+
+
+@dataclass
+class Step:
+    what: str
+    outcome: str
+    seconds: float
+
+
+async def run_demo(settings: Settings, *, out_dir: str | Path = "demo-out") -> int:
+    out = Path(out_dir)
+    await asyncio.to_thread(prepare, out)
+    with tempfile.TemporaryDirectory(prefix="atelier-demo-") as data:
+        demo_settings = tiny_settings(
+            TINY_MODEL_DIR,
+            Path(data),
+            generation={
+                "default_steps": 8,
+                "upscale_steps": 6,
+                "aspects": {"1:1": "512x512", "4:5": "448x576", "16:9": "640x384"},
+            },
+            engine={"device": "cpu", "preview_every": 2, "preview_size": 96},
+            quota={"default_limit": 20.0},
+            logging={"level": settings.logging.level},
+        )
+        started = time.monotonic()
+        async with open_studio(demo_settings) as studio:
+            steps = await play(studio)
+            written = write_transcript(studio.sb, [studio.channel.id], out)
+        total = time.monotonic() - started
+    print_summary(steps, out, written, total)
+    return 0 if all(not s.outcome.startswith("UNEXPECTED") for s in steps) else 1
+
+
+def prepare(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (TINY_MODEL_DIR / "base" / "model_index.json").exists():
+        print(f"building the tiny model in {TINY_MODEL_DIR} …")
+        build_tiny_sdxl(TINY_MODEL_DIR)
+
+
+async def play(studio: Studio) -> list[Step]:
+    steps: list[Step] = []
+
+    async def timed(what: str, coro: object) -> str:
+        t0 = time.monotonic()
+        outcome = await coro  # type: ignore[misc]
+        steps.append(Step(what, outcome, time.monotonic() - t0))
+        print(f"  {what:<52} {outcome}  ({time.monotonic() - t0:.1f} s)")
+        return outcome
+
+    alice, bob, mod = studio.alice, studio.bob, studio.mod
+    print("playing the scripted session:")
+
+    async def generate() -> str:
+        inter = await studio.command(
+            alice, "generate", {"prompt": "a lighthouse on a cliff at dusk, oil painting", "seed": 1234}
+        )
+        result = await studio.result_of(job_id_of(inter))
+        state["first"] = result
+        return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
+
+    async def click(user: object, message_key: str, label: str, save_as: str | None = None) -> str:
+        inter = await studio.click(user, state[message_key], label)  # type: ignore[arg-type]
+        job = job_id_of(inter)
+        result = await studio.result_of(job)
+        if save_as:
+            state[save_as] = result
+        return f"posted {len(result.attachments)} image(s), job {job}"
+
+    async def grid() -> str:
+        inter = await studio.command(bob, "generate", {"prompt": "four tiny robots having tea", "count": 4})
+        result = await studio.result_of(job_id_of(inter))
+        state["grid"] = result
+        return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
+
+    async def refine() -> str:
+        image = studio.sb.file_bytes(state["first"].attachments[0])
+        inter = await studio.command(
+            alice, "refine", {"prompt": "sharper details", "strength": 0.4},
+            attachments=[("sketch.png", image, "image/png")],
+        )
+        result = await studio.result_of(job_id_of(inter))
+        return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
+
+    async def lower_quota() -> str:
+        inter = await studio.command(mod, "mod quota set", {"user": bob, "limit": 0.5})
+        assert inter.response is not None
+        return f"moderator: {inter.response.content}"
+
+    async def over_quota() -> str:
+        inter = await studio.command(bob, "generate", {"prompt": "one more robot", "count": 4})
+        assert inter.response is not None
+        text = inter.response.content or ""
+        if text.startswith("Queued"):
+            return "UNEXPECTED: the over-quota job was accepted"
+        return f"refused (ephemeral): {text.splitlines()[0][:60]}…"
+
+    state: dict[str, object] = {}
+    await timed("alice /generate", generate())
+    await timed("alice clicks Reroll", click(alice, "first", "Reroll"))
+    await timed("alice clicks Upscale", click(alice, "first", "Upscale"))
+    await timed("bob /generate count:4", grid())
+    await timed("bob clicks V2", click(bob, "grid", "V2"))
+    await timed("alice clicks Variations", click(alice, "first", "Variations"))
+    await timed("alice /refine with an uploaded image", refine())
+    await timed("mia (moderator) /mod quota set bob 0.5", lower_quota())
+    await timed("bob /generate count:4 again", over_quota())
+    return steps
+
+
+def print_summary(steps: list[Step], out: Path, written: object, total: float) -> None:
+    images = sorted(p for p in out.rglob("*") if p.suffix.lower() in (".png", ".webp", ".jpg"))
+    print()
+    print(f"demo finished in {total:.1f} s: {len(steps)} steps, {len(images)} image files")
+    print(f"transcript: {out / 'index.html'}")

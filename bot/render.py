@@ -1,0 +1,170 @@
+"""Text and embeds members see: queue cards, progress, results, refusals.
+
+Pure functions of plain values, so every wording is testable without Discord. Discord's limits
+(content 2000 chars, embed description 4096, field value 1024) are enforced here, in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import discord
+
+CONTENT_LIMIT = 2000
+DESCRIPTION_LIMIT = 4096
+FIELD_LIMIT = 1024
+BAR_WIDTH = 16
+ACCENT = discord.Colour(0x7C5CFF)
+FAILED = discord.Colour(0xE5484D)
+
+SAMPLER_NAMES = {
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+    "dpmpp_sde_karras": "DPM++ SDE Karras",
+}
+PHASE_NAMES = {
+    "load": "loading model",
+    "base": "base",
+    "refiner": "refiner",
+    "upscale": "upscaling",
+    "decode": "decoding",
+    "encode": "encoding",
+}
+KIND_NAMES = {"text2img": "Generate", "refine": "Refine", "variations": "Variations", "upscale": "Upscale"}
+
+
+def cut(text: str, limit: int) -> str:
+    """Cut only at the end, marking the cut, so what is shown is always verbatim up to there."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def units(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    total = max(total, 1)
+    filled = min(width, round(width * done / total))
+    return "▰" * filled + "▱" * (width - filled)
+
+
+@dataclass(frozen=True)
+class QueueCard:
+    job_id: str
+    kind: str
+    position: int
+    eta_seconds: float | None
+    cost: float
+    remaining: float | None  # None: unlimited
+
+
+def queue_card(card: QueueCard) -> str:
+    """The public answer to an accepted command or click. Starts with `Queued` (contract)."""
+    where = "next in line" if card.position <= 1 else f"position {card.position}"
+    eta = f" · ETA ~{duration(card.eta_seconds)}" if card.eta_seconds is not None else ""
+    left = "unlimited" if card.remaining is None else f"{units(card.remaining)} units left"
+    return (
+        f"Queued · {where}{eta}\n"
+        f"{KIND_NAMES.get(card.kind, card.kind)} · Job `{card.job_id}` · Cost {units(card.cost)} units · {left}"
+    )
+
+
+def progress_text(job_id: str, kind: str, step: int, total: int, phase: str, elapsed: float) -> str:
+    pct = 0 if total <= 0 else round(100 * step / total)
+    return (
+        f"Running · {KIND_NAMES.get(kind, kind)} · Job `{job_id}`\n"
+        f"`{bar(step, total)}` {pct}% · step {step}/{total} · {PHASE_NAMES.get(phase, phase)}"
+        f" · {duration(elapsed)}"
+    )
+
+
+def starting_text(job_id: str, kind: str) -> str:
+    return f"Running · {KIND_NAMES.get(kind, kind)} · Job `{job_id}`\n`{bar(0, 1)}` starting…"
+
+
+def done_text(job_id: str, result_url: str | None) -> str:
+    where = f": {result_url}" if result_url else ""
+    return f"Done · Job `{job_id}`{where}"
+
+
+def failed_text(job_id: str, reason: str, refunded: float) -> str:
+    """Contract: a job that fails for good shows `Failed:` and the reason; its cost is refunded."""
+    return cut(f"Failed: {reason}\nJob `{job_id}` · {units(refunded)} units refunded", CONTENT_LIMIT)
+
+
+def cancelled_text(job_id: str, refunded: float, by_moderator: bool = False) -> str:
+    who = " by a moderator" if by_moderator else ""
+    return f"Cancelled{who} · Job `{job_id}` · {units(refunded)} units refunded"
+
+
+def result_embed(
+    *,
+    job_id: str,
+    kind: str,
+    prompt: str,
+    negative: str,
+    seeds: Sequence[int],
+    model: str,
+    sampler: str,
+    steps: int,
+    cfg: float,
+    size: tuple[int, int],
+    seconds: float,
+    owner_mention: str,
+    strength: float | None = None,
+    notice: str = "",
+) -> discord.Embed:
+    """The result card: the prompt verbatim (cut only at its end) and every setting needed to redo it."""
+    description = prompt if prompt else "*(no prompt)*"
+    embed = discord.Embed(description=cut(description, DESCRIPTION_LIMIT), colour=ACCENT)
+    embed.set_author(name=f"{KIND_NAMES.get(kind, kind)} · Job {job_id}")
+    if negative:
+        embed.add_field(name="Negative", value=cut(negative, FIELD_LIMIT), inline=False)
+    seed_text = ", ".join(str(seed) for seed in seeds)
+    embed.add_field(name="Seeds" if len(seeds) > 1 else "Seed", value=cut(seed_text, FIELD_LIMIT))
+    embed.add_field(name="Model", value=cut(model, FIELD_LIMIT))
+    embed.add_field(name="Sampler", value=SAMPLER_NAMES.get(sampler, sampler))
+    embed.add_field(name="Steps", value=str(steps))
+    embed.add_field(name="CFG", value=f"{cfg:g}")
+    embed.add_field(name="Size", value=f"{size[0]}×{size[1]}")
+    if strength is not None:
+        embed.add_field(name="Strength", value=f"{strength:g}")
+    embed.add_field(name="Job", value=job_id)
+    embed.add_field(name="Time", value=duration(seconds) if seconds >= 1 else f"{seconds:.2f} s")
+    if notice:
+        embed.add_field(name="Note", value=cut(notice, FIELD_LIMIT), inline=False)
+    embed.set_footer(text=f"requested by {owner_mention}")
+    return embed
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    limit: float | None
+    used: float
+    remaining: float | None
+    resets_at: datetime | None
+
+
+def quota_text(view: QuotaView) -> str:
+    """`/quota`: the labels Limit, Used, Remaining (units) and Resets (contract)."""
+    limit = "unlimited" if view.limit is None else f"{units(view.limit)} units"
+    remaining = "unlimited" if view.remaining is None else f"{units(view.remaining)} units"
+    resets = discord.utils.format_dt(view.resets_at, "R") if view.resets_at else "nothing to reset"
+    return f"**Limit** {limit}\n**Used** {units(view.used)} units\n**Remaining** {remaining}\n**Resets** {resets}"

@@ -1,0 +1,152 @@
+"""Persistent buttons on queue cards and results.
+
+Each button is a `DynamicItem`: its whole state is in the custom_id (`atelier:<action>:<job>[:<i>]`),
+and everything else is read from the database when it is clicked, so buttons keep working on old
+messages and after the bot restarts. A custom_id that does not match a template is ignored by
+discord.py; one that matches but names an unknown job gets a clear ephemeral answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Protocol
+
+import discord
+
+if TYPE_CHECKING:
+    from bot.app import AtelierBot
+
+JOB_ID = r"(?P<job>[0-9A-Z]{4,16})"
+INDEX = r"(?P<index>[0-3])"
+
+
+class ButtonActions(Protocol):
+    """What a click asks the bot to do (implemented by bot.requests.JobRequests)."""
+
+    async def reroll(self, interaction: discord.Interaction, job_id: str) -> None: ...
+    async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None: ...
+    async def variations(self, interaction: discord.Interaction, job_id: str, index: int) -> None: ...
+    async def refine(self, interaction: discord.Interaction, job_id: str, index: int) -> None: ...
+    async def delete(self, interaction: discord.Interaction, job_id: str) -> None: ...
+    async def cancel(self, interaction: discord.Interaction, job_id: str) -> None: ...
+
+
+def _actions(interaction: discord.Interaction) -> ButtonActions:
+    bot: AtelierBot = interaction.client  # type: ignore[assignment]
+    return bot.requests
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"$^"):
+    """Shared parsing for the buttons below; subclasses set `action` and a template."""
+
+    action: str = ""
+
+    def __init__(
+        self,
+        job_id: str,
+        index: int | None = None,
+        *,
+        label: str,
+        emoji: str | None = None,
+        style: discord.ButtonStyle = discord.ButtonStyle.secondary,
+        row: int | None = None,
+    ) -> None:
+        suffix = "" if index is None else f":{index}"
+        super().__init__(
+            discord.ui.Button(
+                label=label,
+                emoji=emoji,
+                style=style,
+                row=row,
+                custom_id=f"atelier:{self.action}:{job_id}{suffix}",
+            )
+        )
+        self.job_id = job_id
+        self.index = index or 0
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> JobButton:
+        index = int(match["index"]) if "index" in match.groupdict() else None
+        return cls(match["job"], index, label=item.label or "", row=item.row)
+
+
+class RerollButton(JobButton, template=rf"atelier:reroll:{JOB_ID}$"):
+    action = "reroll"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).reroll(interaction, self.job_id)
+
+
+class UpscaleButton(JobButton, template=rf"atelier:upscale:{JOB_ID}:{INDEX}$"):
+    action = "upscale"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).upscale(interaction, self.job_id, self.index)
+
+
+class VariationsButton(JobButton, template=rf"atelier:variations:{JOB_ID}:{INDEX}$"):
+    action = "variations"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).variations(interaction, self.job_id, self.index)
+
+
+class RefineButton(JobButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
+    action = "refine"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).refine(interaction, self.job_id, self.index)
+
+
+class DeleteButton(JobButton, template=rf"atelier:delete:{JOB_ID}$"):
+    action = "delete"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).delete(interaction, self.job_id)
+
+
+class CancelButton(JobButton, template=rf"atelier:cancel:{JOB_ID}$"):
+    action = "cancel"
+
+    async def callback(self, interaction: discord.Interaction) -> Any:
+        await _actions(interaction).cancel(interaction, self.job_id)
+
+
+DYNAMIC_ITEMS: tuple[type[JobButton], ...] = (
+    RerollButton,
+    UpscaleButton,
+    VariationsButton,
+    RefineButton,
+    DeleteButton,
+    CancelButton,
+)
+
+
+def result_view(job_id: str, image_count: int) -> discord.ui.View:
+    """Contract labels: one image → Reroll, Upscale, Variations, Refine, Delete;
+    several → U1…Un, V1…Vn, Reroll, Delete."""
+    view = discord.ui.View(timeout=None)
+    grey, blue, red = discord.ButtonStyle.secondary, discord.ButtonStyle.primary, discord.ButtonStyle.danger
+    if image_count <= 1:
+        view.add_item(RerollButton(job_id, label="Reroll", emoji="🎲", style=grey, row=0))
+        view.add_item(UpscaleButton(job_id, 0, label="Upscale", emoji="🔍", style=blue, row=0))
+        view.add_item(VariationsButton(job_id, 0, label="Variations", emoji="🎨", style=blue, row=0))
+        view.add_item(RefineButton(job_id, 0, label="Refine", emoji="✨", style=blue, row=0))
+        view.add_item(DeleteButton(job_id, label="Delete", emoji="🗑️", style=red, row=0))
+        return view
+    for i in range(image_count):
+        view.add_item(UpscaleButton(job_id, i, label=f"U{i + 1}", style=blue, row=0))
+    for i in range(image_count):
+        view.add_item(VariationsButton(job_id, i, label=f"V{i + 1}", style=grey, row=1))
+    view.add_item(RerollButton(job_id, label="Reroll", emoji="🎲", style=grey, row=2))
+    view.add_item(DeleteButton(job_id, label="Delete", emoji="🗑️", style=red, row=2))
+    return view
+
+
+def progress_view(job_id: str) -> discord.ui.View:
+    """The queue card / progress message carries a Cancel button for the job's owner."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(job_id, label="Cancel", emoji="✖️", style=discord.ButtonStyle.secondary))
+    return view

@@ -1,0 +1,563 @@
+"""Running jobs on SDXL pipelines: text2img (base → refiner), refine, variations, upscale.
+
+`Runner.run(job, on_progress=..., cancelled=...)` returns the images as `Generated(image, seed)`.
+Each job kind is one method, read top to bottom like a diffusers example:
+
+- text2img: the base denoises the first `engine.high_noise_frac` of the schedule and hands its
+  latents to the refiner for the rest ("ensemble of experts"); base alone when the job says
+  `refiner=False` or the model has none. All `count` images run as ONE batched call with one
+  torch.Generator per image seeded `image_seeds(seed, count)`, so image i is the same image as
+  the job with seed+i and count 1.
+- refine: refiner img2img at `job.strength` (base img2img when the model has no refiner).
+- variations: base img2img, `count` seeds, batched.
+- upscale: Lanczos (or a spandrel model) to the output size, then low-strength base img2img;
+  above `engine.vae_tiling_above` px in overlapping feathered tiles (engine.upscale).
+
+Things that hold for every call:
+
+- Every pipeline call runs on a private copy of the model's pipeline (same modules, new object)
+  with a fresh scheduler for the job's sampler: schedulers and the pipeline's per-call state
+  (guidance scale, step counters) are never shared between jobs or threads.
+- Prompts go through compel (engine.prompts): weights, and no 77-token limit.
+- Micro-conditioning: original_size = target_size = the image size, crops (0, 0); the refiner
+  also gets `generation.aesthetic_score` / `negative_aesthetic_score`.
+- Latents leave every pipeline as `output_type="latent"` and are decoded here, one image at a
+  time, in `accel.decode_dtype` (diffusers' own decode crashes with a bf16 UNet and an fp32 VAE,
+  and it upcasts the shared VAE in place). img2img inputs are encoded here too (the VAE's mean,
+  no randomness) and handed over as latents.
+- `callback_on_step_end` (engine.callbacks) reports Progress numbered across the whole job,
+  attaches a preview every `engine.preview_every` steps, applies the CFG cutoff, and raises
+  JobCancelled as soon as `cancelled()` says so.
+
+Same job, same settings, same machine → the same image bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
+from PIL import Image
+
+from config.settings import EngineSettings, GenerationSettings
+from engine import accel
+from engine.callbacks import JobSteps, X0Tap
+from engine.cost import img2img_steps
+from engine.prompts import Conditioning, encode_prompt
+from engine.samplers import make_scheduler
+from engine.spec import Job, JobCancelled, Phase, Progress, Refine, Text2Img, Upscale, Variations, image_seeds
+from engine.upscale import (
+    ALIGN,
+    Tile,
+    Upscaler,
+    blend_images,
+    default_overlap,
+    load_upscaler,
+    tile_grid,
+    tile_side_for,
+    upscaled_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generated:
+    image: Image.Image
+    seed: int
+
+
+# --- helpers shared by every job kind ----------------------------------------------------------
+
+
+class PerImageUNet:
+    """The UNet called once per image (with its CFG pair), so an image's numbers never depend on
+    the batch it is in.
+
+    Matrix and convolution kernels pick different blocking for different batch sizes, so on CPU
+    (and GPU) row 0 of a batch-of-8 UNet call differs from a batch-of-2 call in the last bits,
+    which shows as ±1 in 8-bit pixels. Splitting the UNet call makes image i of a batched job
+    exactly the image of the count-1 job with seed+i. Everything else stays batched in one
+    pipeline call (prompt encoding, scheduler steps, generators). At SDXL sizes the UNet is
+    compute-bound, so the split costs little; it also keeps one batch shape for torch.compile.
+
+    Under CFG the pipeline stacks [negatives (B); positives (B)]; image i is rows (i, B+i).
+    Attribute access (config, dtype, add_embedding, ...) goes to the real UNet.
+    """
+
+    def __init__(self, unet: Any, images: int) -> None:
+        self.unet = unet
+        self.images = images
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        batch, images = sample.shape[0], self.images
+        if images <= 1 or batch not in (images, 2 * images):
+            return self.unet(sample, timestep, *args, **kwargs)
+        return_dict = kwargs.pop("return_dict", True)
+        out = torch.empty_like(sample)
+        for i in range(images):
+            rows = torch.tensor([i] if batch == images else [i, images + i], device=sample.device)
+            part = self.unet(
+                sample.index_select(0, rows),
+                _rows(timestep, rows, batch),
+                *(_rows(arg, rows, batch) for arg in args),
+                return_dict=False,
+                **{key: _rows(value, rows, batch) for key, value in kwargs.items()},
+            )[0]
+            out.index_copy_(0, rows, part.to(out.dtype))
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        return (out,)
+
+
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """`value` restricted to `rows` when it is batched (tensors, also inside dicts)."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows)
+    if isinstance(value, dict):
+        return {key: _rows(item, rows, batch) for key, item in value.items()}
+    return value
+
+
+def fresh_pipeline(pipe: Any, sampler: str, *, images: int = 1, exact: bool = True) -> tuple[Any, X0Tap]:
+    """A private pipeline object for one call: the same modules as `pipe`, a new scheduler for
+    `sampler` (built from `pipe`'s scheduler config), its own per-call state. Cheap (no weights
+    are copied or cast; unlike `from_pipe`, which casts shared modules to fp32 by default).
+
+    With `exact` and several `images`, the UNet runs per image (PerImageUNet)."""
+    cls = type(pipe)
+    _, optional = cls._get_signature_keys(cls)
+    flags = {key: pipe.config[key] for key in optional if key in pipe.config}
+    flags["add_watermarker"] = False  # we decode ourselves; the watermark would never be applied
+    scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    components = {**pipe.components, "scheduler": scheduler}
+    if exact and images > 1:
+        components["unet"] = PerImageUNet(pipe.unet, images)
+    private = cls(**components, **flags)
+    private.set_progress_bar_config(disable=True)
+    return private, X0Tap(scheduler)
+
+
+def planned_steps(
+    pipe: Any,
+    sampler: str,
+    steps: int,
+    *,
+    denoising_end: float | None = None,
+    denoising_start: float | None = None,
+    strength: float | None = None,
+) -> int:
+    """How many steps (callback calls) one SDXL pipeline call will run, computed the way
+    diffusers' pipelines cut the schedule: `denoising_end` keeps timesteps ≥ the cutoff,
+    `denoising_start` those below it, `strength` the last int(steps·strength)."""
+    scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps
+    order = getattr(scheduler, "order", 1)
+    train = scheduler.config.num_train_timesteps
+    if denoising_end is not None:
+        cutoff = round(train - denoising_end * train)
+        return int((timesteps >= cutoff).sum())
+    if denoising_start is not None:
+        cutoff = round(train - denoising_start * train)
+        count = int((timesteps < cutoff).sum())
+        return count + 1 if order == 2 and count % 2 == 0 else count
+    if strength is not None:
+        init = min(int(steps * strength), steps)
+        return len(timesteps[max(steps - init, 0) * order :])
+    return len(timesteps)
+
+
+def img2img_call_steps(steps: int, strength: float) -> int:
+    """`num_inference_steps` for an img2img call so that it runs `img2img_steps(steps, strength)`
+    steps (engine.cost): diffusers runs int(steps·strength), which is 0 for small products."""
+    wanted = img2img_steps(steps, strength)
+    n = steps
+    while int(n * strength) < wanted:
+        n += 1
+    return n
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image: the same seed gives the same noise on any device."""
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def micro_conditioning(width: int, height: int) -> dict[str, Any]:
+    size = (height, width)
+    return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A job's input image as RGB, sides trimmed to multiples of 8 (the VAE's factor; the caller
+    normally sends multiples of 64 already)."""
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB")
+    width, height = rgb.size
+    aligned = (max(ALIGN, width // ALIGN * ALIGN), max(ALIGN, height // ALIGN * ALIGN))
+    return rgb if aligned == rgb.size else rgb.resize(aligned, Image.Resampling.LANCZOS)
+
+
+@contextmanager
+def _vae_precision(vae: Any, dtype: torch.dtype) -> Iterator[None]:
+    """Run the VAE in `dtype` for a moment (an fp16 SDXL VAE must encode/decode in fp32)."""
+    original = vae.dtype
+    if dtype != original:
+        vae.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        if dtype != original:
+            vae.to(dtype=original)
+
+
+@contextmanager
+def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
+    """VAE tiling on for the duration (large upscales), then back to what it was."""
+    before = getattr(vae, "use_tiling", False)
+    if enabled and not before:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            vae.disable_tiling()
+
+
+@torch.inference_mode()
+def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
+    """RGB image → scaled latents (1, 4, h/8, w/8) in the UNet's dtype. Uses the latent
+    distribution's mean: no randomness, so the per-image generators only drive the noise."""
+    vae = pipe.vae
+    dtype = accel.decode_dtype(pipe)
+    pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+    with _vae_precision(vae, dtype):
+        latents = retrieve_latents(vae.encode(pixels.to(vae.device, dtype)), sample_mode="argmax")
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = (latents - mean_t) * config.scaling_factor / std_t
+    else:
+        latents = latents * config.scaling_factor
+    return latents.to(pipe.unet.dtype)
+
+
+@torch.inference_mode()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (B, 4, h, w) → B RGB images, decoded one at a time (VAE slicing: the peak memory
+    of one image, and an image's pixels do not depend on the batch it came from)."""
+    images = []
+    for i in range(latents.shape[0]):
+        pixels = accel.decode_latents(pipe, latents[i : i + 1])
+        images.extend(pipe.image_processor.postprocess(pixels.float(), output_type="pil"))
+    return images
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs jobs on the models of a registry (engine.models.ModelRegistry)."""
+
+    def __init__(
+        self,
+        registry: Any,
+        engine: EngineSettings,
+        generation: GenerationSettings,
+        upscaler: Upscaler | None = None,
+        *,
+        exact_batches: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.generation = generation
+        self._upscaler = upscaler
+        # Image i of a batch bit-identical to the count-1 job with seed+i (see PerImageUNet).
+        # False: one batched UNet call per step (faster for small images on a GPU; images then
+        # match their count-1 twins only up to rounding, ±1 in 8-bit pixels).
+        self.exact_batches = exact_batches
+
+    @property
+    def upscaler(self) -> Upscaler:
+        """The pixel upscaler, loaded on first use (`engine.upscaler`, else Lanczos)."""
+        if self._upscaler is None:
+            self._upscaler = load_upscaler(self.engine.upscaler, device=self.registry.device)
+        return self._upscaler
+
+    def warmup(self) -> dict[tuple[int, int], float]:
+        """Run a 2-step text2img (base → refiner) of the default model at every configured size,
+        so a compiled UNet has its graphs ready before the first user waits (torch.compile
+        recompiles for each new height/width; with exact batches the UNet batch is the same for
+        every count). Returns the seconds per size; called by the worker when `engine.warmup`."""
+
+        def one(width: int, height: int) -> None:
+            job = Text2Img(job_id="warmup", prompt="warm-up", width=width, height=height, steps=2, count=1)
+            self.run(job, on_progress=lambda _progress: None, cancelled=lambda: False)
+
+        return accel.warmup(one, self.generation.aspect_sizes().values())
+
+    def run(
+        self,
+        job: Job,
+        *,
+        on_progress: Callable[[Progress], None],
+        cancelled: Callable[[], bool],
+    ) -> list[Generated]:
+        """Run one job; raises JobCancelled when `cancelled()` turns true on the way."""
+        if cancelled():
+            raise JobCancelled(job.job_id)
+        model = self.registry.get(job.model)
+
+        def track(total: int) -> JobSteps:
+            return JobSteps(
+                job.job_id,
+                total,
+                on_progress=on_progress,
+                cancelled=cancelled,
+                preview_every=self.engine.preview_every,
+                preview_size=self.engine.preview_size,
+            )
+
+        with torch.inference_mode():
+            if isinstance(job, Text2Img):
+                return self._text2img(model, job, track)
+            if isinstance(job, Refine):
+                return self._refine(model, job, track)
+            if isinstance(job, Variations):
+                return self._variations(model, job, track)
+            if isinstance(job, Upscale):
+                return self._upscale(model, job, track)
+        raise TypeError(f"unknown job type {type(job).__name__}")
+
+    # -- text2img -------------------------------------------------------------------------------
+
+    def _text2img(self, model: Any, job: Text2Img, track: Callable[[int], JobSteps]) -> list[Generated]:
+        frac = self.engine.high_noise_frac
+        seeds = image_seeds(job.seed, job.count)
+        micro = micro_conditioning(job.width, job.height)
+
+        # Plan: which experts run, and how many steps each.
+        use_refiner = model.refiner is not None and job.refiner is not False
+        base_steps = planned_steps(model.base, job.sampler, job.steps, denoising_end=frac if use_refiner else None)
+        refiner_steps = planned_steps(model.refiner, job.sampler, job.steps, denoising_start=frac) if use_refiner else 0
+        if use_refiner and (base_steps == 0 or refiner_steps == 0):
+            # So few steps that one expert would get none: run the base alone.
+            use_refiner = False
+            base_steps = planned_steps(model.base, job.sampler, job.steps)
+            refiner_steps = 0
+        steps = track(base_steps + refiner_steps)
+        cfg_off = self._cfg_cutoff_step(steps.total, job.cfg)
+
+        # 1. Base: all of the schedule, or its high-noise part.
+        base, tap = fresh_pipeline(model.base, job.sampler, images=job.count, exact=self.exact_batches)
+        cond = encode_prompt(model.base, job.prompt, job.negative, guidance=job.cfg > 1)
+        callback = steps.callback("base", planned=base_steps, tap=tap, cfg_off_after=cfg_off)
+        noise = generators(seeds)
+        latents = base(
+            **cond.pipeline_kwargs(),
+            num_images_per_prompt=job.count,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=job.steps,
+            denoising_end=frac if use_refiner else None,
+            guidance_scale=job.cfg,
+            generator=noise,
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+            **micro,
+        ).images
+
+        # 2. Refiner: the low-noise rest of the schedule, on the base's latents.
+        if use_refiner:
+            steps.check_cancelled()
+            refiner, tap = fresh_pipeline(model.refiner, job.sampler, images=job.count, exact=self.exact_batches)
+            guidance = job.cfg if cfg_off is None or cfg_off > base_steps else 1.0  # cut off already?
+            cond = encode_prompt(model.refiner, job.prompt, job.negative, guidance=guidance > 1)
+            callback = steps.callback(
+                "refiner",
+                planned=refiner_steps,
+                tap=tap,
+                cfg_off_after=cfg_off - base_steps if guidance > 1 and cfg_off is not None else None,
+            )
+            latents = refiner(
+                **cond.pipeline_kwargs(),
+                image=latents,
+                num_images_per_prompt=job.count,
+                num_inference_steps=job.steps,
+                denoising_start=frac,
+                guidance_scale=guidance,
+                aesthetic_score=self.generation.aesthetic_score,
+                negative_aesthetic_score=self.generation.negative_aesthetic_score,
+                generator=noise,
+                output_type="latent",
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+                **micro,
+            ).images
+
+        # 3. Decode.
+        steps.check_cancelled()
+        images = decode_latents(model.base, latents)
+        return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
+
+    # -- refine ---------------------------------------------------------------------------------
+
+    def _refine(self, model: Any, job: Refine, track: Callable[[int], JobSteps]) -> list[Generated]:
+        image = open_image(job.image)
+        expert = model.refiner if model.refiner is not None else model.img2img
+        phase: Phase = "refiner" if model.refiner is not None else "base"
+        images = self._img2img(expert, job, image, [job.seed], phase=phase, strength=job.strength, track=track)
+        return [Generated(images[0], job.seed)]
+
+    # -- variations -----------------------------------------------------------------------------
+
+    def _variations(self, model: Any, job: Variations, track: Callable[[int], JobSteps]) -> list[Generated]:
+        image = open_image(job.image)
+        seeds = image_seeds(job.seed, job.count)
+        images = self._img2img(model.img2img, job, image, seeds, phase="base", strength=job.strength, track=track)
+        return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
+
+    def _img2img(
+        self,
+        source: Any,
+        job: Job,
+        image: Image.Image,
+        seeds: list[int],
+        *,
+        phase: Phase,
+        strength: float,
+        track: Callable[[int], JobSteps],
+    ) -> list[Image.Image]:
+        """One batched img2img call: `len(seeds)` images from one input image."""
+        call_steps = img2img_call_steps(job.steps, strength)
+        planned = planned_steps(source, job.sampler, call_steps, strength=strength)
+        steps = track(planned)
+        cfg_off = self._cfg_cutoff_step(planned, job.cfg)
+
+        pipe, tap = fresh_pipeline(source, job.sampler, images=len(seeds), exact=self.exact_batches)
+        cond = encode_prompt(source, job.prompt, job.negative, guidance=job.cfg > 1)
+        latents = encode_image(source, image)
+        callback = steps.callback(phase, planned=planned, tap=tap, cfg_off_after=cfg_off)
+        latents = pipe(
+            **cond.pipeline_kwargs(),
+            image=latents,
+            strength=strength,
+            num_images_per_prompt=len(seeds),
+            num_inference_steps=call_steps,
+            guidance_scale=job.cfg,
+            aesthetic_score=self.generation.aesthetic_score,
+            negative_aesthetic_score=self.generation.negative_aesthetic_score,
+            generator=generators(seeds),
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+            **micro_conditioning(image.width, image.height),
+        ).images
+        steps.check_cancelled()
+        return decode_latents(source, latents)
+
+    # -- upscale --------------------------------------------------------------------------------
+
+    def _upscale(self, model: Any, job: Upscale, track: Callable[[int], JobSteps]) -> list[Generated]:
+        # 1. Enlarge the pixels: Lanczos, or the configured super-resolution model.
+        image = open_image(job.image)
+        width, height = upscaled_size(
+            image.width,
+            image.height,
+            job.factor,
+            max(self.generation.upscale_max_side, image.width, image.height),
+        )
+        enlarged = self.upscaler(image, (width, height))
+
+        # 2. Plan: one img2img pass over the whole image, or over overlapping tiles when large.
+        tiled = max(width, height) > self.engine.vae_tiling_above
+        if tiled:
+            side = tile_side_for(self.engine.vae_tiling_above)
+            tiles = tile_grid(width, height, side, default_overlap(side))
+        else:
+            tiles = [Tile((0, 0, width, height), np.ones((height, width)))]
+        source = model.img2img
+        call_steps = img2img_call_steps(job.steps, job.strength)
+        per_tile = planned_steps(source, job.sampler, call_steps, strength=job.strength)
+        steps = track(per_tile * len(tiles))
+        log.debug("upscale %s: %dx%d → %dx%d in %d tile(s)", job.job_id, *image.size, width, height, len(tiles))
+
+        # 3. Low-strength img2img adds the detail Lanczos cannot; each tile has its own seed.
+        cond = encode_prompt(source, job.prompt, job.negative, guidance=job.cfg > 1)
+        done: list[tuple[Tile, Image.Image]] = []
+        with vae_tiling(source.vae, tiled):
+            for tile, seed in zip(tiles, image_seeds(job.seed, len(tiles)), strict=True):
+                steps.check_cancelled()
+                crop = enlarged.crop(tile.box)
+                done.append((tile, self._detail_pass(source, job, crop, seed, cond, call_steps, per_tile, steps)))
+
+        # 4. Feather the tiles together.
+        result = blend_images(done, width, height) if tiled else done[0][1]
+        return [Generated(result, job.seed)]
+
+    def _detail_pass(
+        self,
+        source: Any,
+        job: Upscale,
+        image: Image.Image,
+        seed: int,
+        cond: Conditioning,
+        call_steps: int,
+        planned: int,
+        steps: JobSteps,
+    ) -> Image.Image:
+        pipe, tap = fresh_pipeline(source, job.sampler)
+        callback = steps.callback(
+            "upscale", planned=planned, tap=tap, cfg_off_after=self._cfg_cutoff_step(planned, job.cfg)
+        )
+        latents = pipe(
+            **cond.pipeline_kwargs(),
+            image=encode_image(source, image),
+            strength=job.strength,
+            num_inference_steps=call_steps,
+            guidance_scale=job.cfg,
+            generator=generators([seed]),
+            output_type="latent",
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+            **micro_conditioning(image.width, image.height),
+        ).images
+        steps.check_cancelled()
+        return decode_latents(source, latents)[0]
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _cfg_cutoff_step(self, total: int, cfg: float) -> int | None:
+        """After how many steps classifier-free guidance stops (`engine.cfg_cutoff` of the job's
+        steps; None: never)."""
+        fraction = self.engine.cfg_cutoff
+        if cfg <= 1 or fraction <= 0:
+            return None
+        step = max(1, round(fraction * total))
+        return step if step < total else None
+
+
+__all__ = [
+    "Generated",
+    "Runner",
+    "decode_latents",
+    "encode_image",
+    "fresh_pipeline",
+    "img2img_call_steps",
+    "planned_steps",
+]

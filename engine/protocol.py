@@ -1,0 +1,145 @@
+"""Messages between the bot process (engine.client) and the engine child process (engine.worker).
+
+Every message is a small frozen dataclass pickled over one duplex `multiprocessing.Pipe`; job
+specs, `Progress` and `Result` come from engine.spec unchanged.
+
+Parent → child::
+
+    Submit(job)          queue a job (the child runs jobs one at a time, in order received)
+    Cancel(job_id)       cancel a queued or running job (ignored when unknown or finished)
+    Shutdown(drain)      stop: finish the running job (drain=True) or abort it, report queued
+                         jobs as Failed(retryable), then exit 0
+
+Child → parent::
+
+    Ready(...)           sent once, after the registry and Runner are loaded (or Fatal instead)
+    Fatal(message)       start-up failed (model missing, bad config…); the child then exits 1
+    Started(job_id)      the job left the queue and is running: from now on a crash fails it
+    Progress             engine.spec.Progress, as the Runner reports it
+    Computed(job_id)     the pipeline work is over; the images are being encoded (in a thread,
+                         while the next job may already run): the job no longer holds the slot
+    Done(result, stats)  the job finished: engine.spec.Result plus worker-side timings
+    Failed(...)          the job did not finish: cancelled, bad input (retryable=False), or an
+                         engine-side error (retryable=True)
+
+A job's messages are ordered (Started, Progress…, Computed, then Done or Failed), but messages of
+different jobs may interleave: images are encoded in a thread while the next job already runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.settings import EngineSettings, GenerationSettings, ModelSettings
+from engine.spec import Job, Progress, Result
+
+# "module:function" building the Runner in the child; tests may name a stand-in.
+DEFAULT_RUNNER_FACTORY = "engine.worker:build_runner"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the child needs, passed at spawn (plain pydantic sections, no env or files read)."""
+
+    models: dict[str, ModelSettings]
+    default_model: str
+    engine: EngineSettings
+    generation: GenerationSettings
+    runner_factory: str = DEFAULT_RUNNER_FACTORY
+    log_level: str = "INFO"
+
+
+# ---------------------------------------------------------------------------- parent → child
+
+
+@dataclass(frozen=True)
+class Submit:
+    job: Job
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    drain: bool = True
+
+
+# ---------------------------------------------------------------------------- child → parent
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+    # Importing torch/diffusers, then building the registry + Runner and loading the default model.
+    import_seconds: float
+    load_seconds: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Fatal:
+    message: str
+
+
+@dataclass(frozen=True)
+class Started:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Computed:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """Worker-side timings of one job (perf_counter seconds in the child)."""
+
+    job_id: str
+    # Received → started (time spent queued in the worker).
+    wait_seconds: float
+    # Previous job's compute end → this job's start; None for the first job of a process.
+    idle_seconds: float | None
+    # True when this job was already waiting when the previous compute ended: then
+    # `idle_seconds` is pure engine overhead between back-to-back jobs.
+    back_to_back: bool
+    compute_seconds: float
+    encode_seconds: float
+
+
+@dataclass(frozen=True)
+class Done:
+    result: Result
+    stats: JobStats
+
+
+@dataclass(frozen=True)
+class Failed:
+    job_id: str
+    message: str
+    retryable: bool
+    cancelled: bool = False
+
+
+ToWorker = Submit | Cancel | Shutdown
+FromWorker = Ready | Fatal | Started | Progress | Computed | Done | Failed
+
+__all__ = [
+    "DEFAULT_RUNNER_FACTORY",
+    "Cancel",
+    "Computed",
+    "Done",
+    "Failed",
+    "Fatal",
+    "FromWorker",
+    "JobStats",
+    "Ready",
+    "Shutdown",
+    "Started",
+    "Submit",
+    "ToWorker",
+    "WorkerConfig",
+]

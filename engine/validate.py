@@ -1,0 +1,515 @@
+"""Pure checks shared by the bot (before a job is queued, so bad input costs nothing) and the
+engine (defence in depth: a job that reaches the worker is checked again).
+
+Every check raises `ValidationFailed(field, message)`; the message is meant for the user as is:
+it says what was wrong and what to change. Nothing here imports torch or diffusers.
+
+Attachments are decoded by their CONTENT, never by file name or content type: `probe_image`
+reads only the header (Pillow's `Image.open` is lazy) and refuses a format we do not accept, a
+file over the byte limit, or declared dimensions over the pixel limit BEFORE any pixel is decoded,
+so a decompression bomb (a few hundred bytes declaring 100000×100000) is refused in microseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import unicodedata
+import warnings
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from PIL import Image, ImageFile, ImageOps
+
+from engine.spec import SAMPLERS, JobBase, Refine, Text2Img, Upscale, Variations
+
+MAX_SEED = 2**32 - 1
+STEPS_RANGE = (1, 60)
+CFG_RANGE = (1.0, 20.0)
+COUNT_RANGE = (1, 4)
+STRENGTH_RANGE = (0.05, 1.0)
+SIZE_MULTIPLE = 64
+MAX_SIDE = 4096
+MIN_IMAGE_BYTES_LIMIT = 1024
+# Inputs narrower than this (longest side / shortest side) are refused: SDXL has no bucket for them.
+MAX_INPUT_ASPECT = 8.0
+SDXL_PIXELS = 1024 * 1024
+
+# Formats an attachment may be in; anything else Pillow could open (EPS runs Ghostscript,
+# PSD, ICO, …) is refused. AVIF only where this Pillow build has it.
+Image.init()  # registers every plugin, so Image.OPEN below is complete
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(
+    name for name in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if name in Image.OPEN
+)
+
+# Characters removed from prompts besides C0/C1 controls: bidi overrides and isolates, which can
+# make a prompt display differently from what the model reads.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+class ValidationFailed(Exception):
+    """Bad input. `field` names the option; `message` is the user-facing text."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+def clean_text(text: str) -> str:
+    """Text with control characters removed: tabs and line breaks become spaces, other C0/C1
+    controls, lone surrogates and bidi overrides are dropped, the ends are stripped."""
+    out: list[str] = []
+    for char in text:
+        if char in "\t\n\r\x0b\x0c\x85\u2028\u2029":
+            out.append(" ")
+            continue
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cs") or char in _BIDI_CONTROLS:
+            continue
+        out.append(char)
+    return "".join(out).strip()
+
+
+def check_prompt(text: str | None, *, max_chars: int, field: str = "prompt", required: bool = True) -> str:
+    """The cleaned prompt; refused when empty (if required) or longer than `max_chars`."""
+    if text is not None and not isinstance(text, str):
+        raise ValidationFailed(field, f"{field} must be text")
+    cleaned = clean_text(text or "")
+    if required and not cleaned:
+        raise ValidationFailed(field, f"The {field} is empty: describe what you want to see.")
+    if len(cleaned) > max_chars:
+        over = len(cleaned) - max_chars
+        raise ValidationFailed(
+            field,
+            f"The {field} is {len(cleaned)} characters long; the limit is {max_chars}. "
+            f"Shorten it by {over} character{'s' if over != 1 else ''}.",
+        )
+    return cleaned
+
+
+def check_negative(text: str | None, *, max_chars: int) -> str:
+    return check_prompt(text, max_chars=max_chars, field="negative", required=False)
+
+
+# ------------------------------------------------------------------------------------- numbers
+
+
+def _int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationFailed(field, f"{field} must be a whole number.")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValidationFailed(field, f"{field} must be a whole number, not {value}.")
+        value = int(value)
+    return value
+
+
+def _float(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationFailed(field, f"{field} must be a number.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValidationFailed(field, f"{field} must be a finite number.")
+    return value
+
+
+def check_steps(steps: Any) -> int:
+    steps = _int(steps, "steps")
+    low, high = STEPS_RANGE
+    if not low <= steps <= high:
+        raise ValidationFailed("steps", f"steps must be between {low} and {high} (you gave {steps}).")
+    return steps
+
+
+def check_cfg(cfg: Any) -> float:
+    cfg = _float(cfg, "cfg")
+    low, high = CFG_RANGE
+    if not low <= cfg <= high:
+        raise ValidationFailed("cfg", f"cfg must be between {low:g} and {high:g} (you gave {cfg:g}).")
+    return cfg
+
+
+def check_seed(seed: Any) -> int:
+    seed = _int(seed, "seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValidationFailed("seed", f"seed must be between 0 and {MAX_SEED} (you gave {seed}).")
+    return seed
+
+
+def check_sampler(sampler: Any) -> str:
+    if sampler not in SAMPLERS:
+        raise ValidationFailed("sampler", f"Unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}.")
+    return sampler
+
+
+def check_count(count: Any) -> int:
+    count = _int(count, "count")
+    low, high = COUNT_RANGE
+    if not low <= count <= high:
+        raise ValidationFailed("count", f"count must be between {low} and {high} (you gave {count}).")
+    return count
+
+
+def check_strength(strength: Any) -> float:
+    strength = _float(strength, "strength")
+    low, high = STRENGTH_RANGE
+    if not low <= strength <= high:
+        raise ValidationFailed("strength", f"strength must be between {low:g} and {high:g} (you gave {strength:g}).")
+    return strength
+
+
+def check_aspect(name: Any, aspects: Mapping[str, str] | Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+    """The (width, height) of a configured aspect name (`[generation.aspects]`)."""
+    if not isinstance(name, str) or name not in aspects:
+        raise ValidationFailed("aspect", f"Unknown aspect {name!r}: choose one of {', '.join(aspects)}.")
+    size = aspects[name]
+    if isinstance(size, str):
+        from config.settings import parse_size
+
+        return parse_size(size)
+    return size
+
+
+def check_model(name: Any, models: Collection[str], *, default: str | None = None) -> str:
+    """A configured model name; "" (or None) means the default model and returns `default` ("" when
+    not given)."""
+    if name is None or name == "":
+        return default or ""
+    if not isinstance(name, str) or name not in models:
+        listed = ", ".join(sorted(models)) or "none"
+        raise ValidationFailed("model", f"Unknown model {name!r}: choose one of {listed} (see /model list).")
+    return name
+
+
+def check_size(width: Any, height: Any) -> tuple[int, int]:
+    """A generation size: multiples of 64 between 64 and 4096 on each side."""
+    width, height = _int(width, "width"), _int(height, "height")
+    for field, value in (("width", width), ("height", height)):
+        if value % SIZE_MULTIPLE or not SIZE_MULTIPLE <= value <= MAX_SIDE:
+            raise ValidationFailed(
+                field,
+                f"{field} must be a multiple of {SIZE_MULTIPLE} between {SIZE_MULTIPLE} and {MAX_SIDE} "
+                f"(you gave {value}).",
+            )
+    return width, height
+
+
+# ---------------------------------------------------------------------------------- attachments
+
+
+def _format_bytes(count: int) -> str:
+    if count >= 1024 * 1024:
+        return f"{count / (1024 * 1024):.1f} MB"
+    if count >= 1024:
+        return f"{count / 1024:.0f} KB"
+    return f"{count} bytes"
+
+
+def _format_pixels(count: int) -> str:
+    return f"{count / 1_000_000:.1f} megapixels"
+
+
+def _too_large(size: int, max_bytes: int) -> ValidationFailed:
+    return ValidationFailed(
+        "image",
+        f"The attachment is {_format_bytes(size)}; the limit is {_format_bytes(max_bytes)}. "
+        "Attach a smaller image (for example a JPEG).",
+    )
+
+
+def check_attachment_size(size: int, *, max_bytes: int) -> None:
+    """Refuse an attachment by its announced size (Discord's `attachment.size`) before
+    downloading it; `decode_image` checks the real bytes again."""
+    if size <= 0:
+        raise ValidationFailed("image", "The attachment is empty: attach a PNG, JPEG or WebP image.")
+    if size > max_bytes:
+        raise _too_large(size, max_bytes)
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ValidationFailed:
+    return ValidationFailed(
+        "image",
+        f"The image is {width}×{height} ({_format_pixels(width * height)}); the limit is "
+        f"{_format_pixels(max_pixels)}. Resize it and try again.",
+    )
+
+
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes | bytearray | memoryview) -> bool:
+    """Starts like a format we accept (so a failure to open it means damage, not a wrong file)."""
+    head = bytes(data[:12])
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _open(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and check bytes, format and declared dimensions."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValidationFailed("image", "The attachment is not a file.")
+    if len(data) == 0:
+        raise ValidationFailed("image", "The attachment is empty: attach a PNG, JPEG or WebP image.")
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb guard warns above MAX_IMAGE_PIXELS and raises above twice that;
+            # make the warning an error too. Our own limit is checked right after, before decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValidationFailed(
+            "image", f"The image declares too many pixels; the limit is {_format_pixels(max_pixels)}."
+        ) from None
+    except Image.UnidentifiedImageError:
+        if _looks_like_image(data):
+            raise ValidationFailed(
+                "image", "The image file is truncated or damaged and cannot be read: attach another copy."
+            ) from None
+        raise ValidationFailed(
+            "image", "The attachment is not an image we can read: attach a PNG, JPEG or WebP image."
+        ) from None
+    except Exception:
+        raise ValidationFailed("image", "The image file is damaged and cannot be read: attach another copy.") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ValidationFailed("image", "The image has no pixels: attach another image.")
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    return image
+
+
+def probe_image(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an attachment, from its header only (no pixel decoding)."""
+    image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        return image.size
+    finally:
+        image.close()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        low, high = image.getextrema()
+        span = (high - low) or 1
+        image = image.point(lambda v: (v - low) * 255.0 / span, "F").convert("L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode an attachment by content into an RGB image (first frame of an animation, EXIF
+    orientation applied, alpha composited on white). Raises ValidationFailed only."""
+    with warnings.catch_warnings():
+        # Pillow warns about damaged EXIF and the like; the image is still usable or refused.
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def _decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    try:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        if ImageFile.LOAD_TRUNCATED_IMAGES:  # set process-wide by someone else: refuse anyway
+            raise OSError("truncated images are not accepted")
+        image.load()
+        # A frame of an animation may declare its own size; check what was really decoded.
+        if image.size[0] * image.size[1] > max_pixels:
+            raise _too_many_pixels(*image.size, max_pixels)
+        oriented = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(oriented if oriented is not None else image)
+        rgb.load()
+        return rgb
+    except ValidationFailed:
+        raise
+    except MemoryError:
+        raise _too_many_pixels(*image.size, max_pixels) from None
+    except Exception:
+        raise ValidationFailed(
+            "image", "The image file is truncated or damaged and cannot be read: attach another copy."
+        ) from None
+    finally:
+        image.close()
+
+
+def fit_size(
+    width: int,
+    height: int,
+    max_pixels: int = SDXL_PIXELS,
+    *,
+    max_side: int | None = None,
+    allow_upscale: bool = True,
+    multiple: int = SIZE_MULTIPLE,
+) -> tuple[int, int]:
+    """An SDXL-friendly working size for an input of `width`×`height`: multiples of `multiple`,
+    area about `max_pixels` and never over it (smaller inputs are scaled UP to it unless
+    `allow_upscale` is False), each side at most `max_side`, the aspect ratio kept as well as the
+    rounding allows. Every side is at least `multiple`."""
+    if width <= 0 or height <= 0:
+        raise ValueError("width and height must be positive")
+    floor_area = multiple * multiple
+    max_pixels = max(max_pixels, floor_area)
+    scale = math.sqrt(max_pixels / (width * height))
+    if max_side is not None:
+        max_side = max(multiple, max_side)
+        scale = min(scale, max_side / max(width, height))
+    if not allow_upscale:
+        scale = min(scale, 1.0)
+    target_w, target_h = width * scale, height * scale
+    limit = max_side // multiple * multiple if max_side is not None else None
+
+    def snap(value: float) -> int:
+        snapped = max(multiple, round(value / multiple) * multiple)
+        return min(snapped, limit) if limit is not None else snapped
+
+    out_w, out_h = snap(target_w), snap(target_h)
+    # Rounding may push the area over the limit: shrink the side that overshoots its target most.
+    while out_w * out_h > max_pixels and (out_w > multiple or out_h > multiple):
+        if out_h == multiple or (out_w > multiple and out_w / target_w >= out_h / target_h):
+            out_w -= multiple
+        else:
+            out_h -= multiple
+    return out_w, out_h
+
+
+def input_work_size(
+    width: int,
+    height: int,
+    *,
+    upscale_factor: int | None = None,
+    upscale_max_side: int = MAX_SIDE,
+    target_pixels: int = SDXL_PIXELS,
+) -> tuple[int, int]:
+    """The size an input image is worked at: ~1 MP for refine/variations; for an upscale (factor
+    given) the input's own size (never enlarged) capped so the output side ≤ `upscale_max_side`."""
+    if upscale_factor:
+        side = max(SIZE_MULTIPLE, upscale_max_side // upscale_factor)
+        return fit_size(width, height, side * side, max_side=side, allow_upscale=False)
+    return fit_size(width, height, target_pixels)
+
+
+def prepare_input_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    upscale_factor: int | None = None,
+    upscale_max_side: int = MAX_SIDE,
+    target_pixels: int = SDXL_PIXELS,
+) -> tuple[bytes, tuple[int, int]]:
+    """Decode an attachment, resize it to its working size (see `input_work_size`) and return it
+    as PNG bytes with that (width, height): what a Refine/Variations/Upscale job carries."""
+    image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    width, height = image.size
+    if max(width, height) / min(width, height) > MAX_INPUT_ASPECT:
+        raise ValidationFailed(
+            "image",
+            f"The image is {width}×{height}, too long and narrow; crop it to at most {MAX_INPUT_ASPECT:g}:1.",
+        )
+    size = input_work_size(
+        width,
+        height,
+        upscale_factor=upscale_factor,
+        upscale_max_side=upscale_max_side,
+        target_pixels=target_pixels,
+    )
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=1)
+    return out.getvalue(), size
+
+
+# ------------------------------------------------------------------------------------- whole jobs
+
+
+def validate_job(
+    job: JobBase,
+    *,
+    models: Collection[str],
+    max_prompt_chars: int,
+    max_attachment_bytes: int,
+    max_attachment_pixels: int,
+    upscale_max_side: int = MAX_SIDE,
+) -> None:
+    """Check a job spec as built by the bot (the engine's second line of defence). Prompts must
+    already be clean: a prompt with control characters is refused here, not silently changed."""
+    if not isinstance(job, Text2Img | Refine | Variations | Upscale):
+        raise ValidationFailed("job", f"Unknown job type {type(job).__name__}.")
+    if not isinstance(job.job_id, str) or not job.job_id:
+        raise ValidationFailed("job_id", "The job has no id.")
+    for field, text, required in (
+        ("prompt", job.prompt, isinstance(job, Text2Img)),
+        ("negative", job.negative, False),
+    ):
+        cleaned = check_prompt(text, max_chars=max_prompt_chars, field=field, required=required)
+        if cleaned != text:
+            raise ValidationFailed(field, f"The {field} contains control characters or surrounding spaces.")
+    check_steps(job.steps)
+    check_cfg(job.cfg)
+    check_seed(job.seed)
+    check_sampler(job.sampler)
+    check_model(job.model, models)
+    if job.max_image_bytes is not None and (_int(job.max_image_bytes, "max_image_bytes") < MIN_IMAGE_BYTES_LIMIT):
+        raise ValidationFailed("max_image_bytes", f"max_image_bytes must be at least {MIN_IMAGE_BYTES_LIMIT}.")
+    if isinstance(job, Text2Img):
+        check_size(job.width, job.height)
+        check_count(job.count)
+        if job.refiner is not None and not isinstance(job.refiner, bool):
+            raise ValidationFailed("refiner", "refiner must be true or false.")
+        return
+    check_strength(job.strength)
+    if isinstance(job, Variations):
+        check_count(job.count)
+    width, height = probe_image(job.image, max_bytes=max_attachment_bytes, max_pixels=max_attachment_pixels)
+    if isinstance(job, Upscale):
+        if job.factor != 2:
+            raise ValidationFailed("factor", "Only ×2 upscaling is supported.")
+        if max(width, height) * job.factor > upscale_max_side:
+            raise ValidationFailed(
+                "image",
+                f"Upscaling {width}×{height} ×{job.factor} would exceed {upscale_max_side} pixels a side.",
+            )
+
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "MAX_SEED",
+    "ValidationFailed",
+    "check_aspect",
+    "check_attachment_size",
+    "check_cfg",
+    "check_count",
+    "check_model",
+    "check_negative",
+    "check_prompt",
+    "check_sampler",
+    "check_seed",
+    "check_size",
+    "check_steps",
+    "check_strength",
+    "clean_text",
+    "decode_image",
+    "fit_size",
+    "input_work_size",
+    "prepare_input_image",
+    "probe_image",
+    "validate_job",
+]

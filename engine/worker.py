@@ -1,0 +1,438 @@
+"""The engine child process: load the models once, then run jobs one at a time.
+
+Started by engine.client with the multiprocessing `spawn` context (`worker_main(conn, config)`).
+Three threads share one duplex pipe (sends are serialized by a lock):
+
+- the reader thread receives Submit / Cancel / Shutdown at any time: jobs go to a queue, a cancel
+  sets the flag the Runner's `cancelled()` reads (so a running job stops within about one step);
+- the main thread takes jobs from the queue, runs them through the Runner and streams Progress;
+- the encoder thread turns each finished job's images into PNG (or the WebP/JPEG fallback) with
+  their parameters and sends the Result, while the main thread already runs the next job.
+
+A load failure is reported as `Fatal` (never a hang); a job's own bad input as a non-retryable
+`Failed`; any other exception as a retryable one. When the parent disappears (the pipe reaches
+EOF) the child exits at once. See engine.protocol for the messages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing.util
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.pnginfo import encode_image
+from engine.protocol import (
+    DEFAULT_RUNNER_FACTORY,
+    Cancel,
+    Computed,
+    Done,
+    Failed,
+    Fatal,
+    JobStats,
+    Ready,
+    Shutdown,
+    Started,
+    Submit,
+    WorkerConfig,
+)
+from engine.spec import (
+    EngineError,
+    Job,
+    JobCancelled,
+    Progress,
+    Refine,
+    Result,
+    Text2Img,
+    Upscale,
+    Variations,
+)
+from engine.validate import ValidationFailed, validate_job
+
+log = logging.getLogger("atelier.engine.worker")
+
+# Images of a finished job waiting to be encoded: a small bound keeps memory flat when encoding
+# is slower than computing (the main thread then waits).
+ENCODE_BACKLOG = 2
+
+
+class GeneratedLike(Protocol):
+    image: Any
+    seed: int
+
+
+class RunnerLike(Protocol):
+    def run(
+        self, job: Job, *, on_progress: Callable[[Progress], None], cancelled: Callable[[], bool]
+    ) -> list[GeneratedLike]: ...
+
+
+def build_runner(config: WorkerConfig) -> RunnerLike:
+    """The real thing: a ModelRegistry with the default model loaded, and the Runner over it."""
+    from engine.models import ModelRegistry
+    from engine.pipelines import Runner
+
+    registry = ModelRegistry(config.models, config.engine)
+    registry.get(config.default_model)
+    runner = Runner(registry, config.engine, config.generation)
+    warmup = getattr(runner, "warmup", None)
+    if config.engine.warmup and callable(warmup):
+        warmup()
+    return runner
+
+
+def _resolve(path: str) -> Callable[[WorkerConfig], RunnerLike]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class _Queued:
+    job: Job
+    received: float
+
+
+@dataclass
+class _Finished:
+    job: Job
+    images: list[GeneratedLike]
+    started: float
+    compute_seconds: float
+    stats: dict[str, Any]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"Atelier {version('atelier')}"
+    except Exception:
+        return "Atelier"
+
+
+def _source_name(source: str) -> str:
+    """A short name for a model source: a file's stem, a folder's name, or the hub id."""
+    path = Path(source)
+    if path.suffix.lower() == ".safetensors":
+        return path.stem
+    if source and path.exists():
+        return path.name
+    return source
+
+
+def _thread_lock_for_tqdm() -> None:
+    """diffusers' progress bars (tqdm) would create a multiprocessing lock, a named semaphore the
+    resource tracker reports as leaked whenever the worker is killed. A thread lock is enough."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
+class Worker:
+    def __init__(self, conn: Connection, config: WorkerConfig) -> None:
+        self._conn = conn
+        self._config = config
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._queue: queue.Queue[_Queued | None] = queue.Queue()
+        self._queued_ids: set[str] = set()
+        self._cancelled: set[str] = set()  # the running job, cancelled
+        self._skip: set[str] = set()  # queued jobs cancelled (already answered)
+        self._current: str | None = None
+        self._stopping = False
+        self._aborting = threading.Event()
+        self._encode_queue: queue.Queue[_Finished | None] = queue.Queue(maxsize=ENCODE_BACKLOG)
+        self._previous_end: float | None = None
+        self._runner: RunnerLike | None = None
+        self._model_load_error: type[Exception] | None = None
+        self._version = _version()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def send(self, message: Any) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                # The parent is gone: the reader thread sees EOF and ends the process.
+                pass
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                if self._stopping:
+                    return
+                # The parent died without a Shutdown: nobody will read our results.
+                os._exit(0)
+            except Exception:
+                log.exception("unreadable message from the bot process")
+                continue
+            if isinstance(message, Submit):
+                with self._state_lock:
+                    self._queued_ids.add(message.job.job_id)
+                self._queue.put(_Queued(message.job, time.perf_counter()))
+            elif isinstance(message, Cancel):
+                with self._state_lock:
+                    if message.job_id in self._queued_ids:
+                        # Answered now, not when the job reaches the head of the queue.
+                        self._queued_ids.discard(message.job_id)
+                        self._skip.add(message.job_id)
+                        self.send(Failed(message.job_id, "Cancelled.", retryable=False, cancelled=True))
+                    elif message.job_id == self._current:
+                        self._cancelled.add(message.job_id)
+            elif isinstance(message, Shutdown):
+                log.info("shutdown requested (drain=%s)", message.drain)
+                self._stopping = True
+                if not message.drain:
+                    self._aborting.set()
+                self._queue.put(None)
+            else:
+                log.warning("unknown message %r", type(message).__name__)
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        return job_id in self._cancelled or self._aborting.is_set()
+
+    # ------------------------------------------------------------------ start-up
+
+    def load(self) -> bool:
+        config = self._config
+        try:
+            if config.engine.torch_threads > 0:
+                import torch
+
+                torch.set_num_threads(config.engine.torch_threads)
+            _thread_lock_for_tqdm()
+            started = time.perf_counter()
+            if config.runner_factory == DEFAULT_RUNNER_FACTORY:
+                importlib.import_module("engine.pipelines")  # torch + diffusers: timed apart
+            factory = _resolve(config.runner_factory)
+            imported = time.perf_counter()
+            self._runner = factory(config)
+            loaded = time.perf_counter()
+        except BaseException as exc:
+            log.error("engine start-up failed:\n%s", traceback.format_exc())
+            self.send(Fatal(f"{type(exc).__name__}: {exc}"))
+            return False
+        # The registry's load error means "this model cannot be used": not worth a retry.
+        self._model_load_error = getattr(sys.modules.get("engine.models"), "ModelLoadError", None)
+        threads = ""
+        if "torch" in sys.modules:
+            threads = f"torch threads {sys.modules['torch'].get_num_threads()}"
+        self.send(
+            Ready(
+                pid=os.getpid(),
+                import_seconds=imported - started,
+                load_seconds=loaded - imported,
+                detail=threads,
+            )
+        )
+        log.info("engine ready in %.2f s (%s)", loaded - started, threads)
+        return True
+
+    # ------------------------------------------------------------------ jobs
+
+    def serve(self) -> bool:
+        """Load, then run jobs until Shutdown. False when loading failed (Fatal was sent)."""
+        if not self.load():
+            return False
+        reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
+        encoder = threading.Thread(target=self._encode_loop, name="engine-encoder", daemon=True)
+        reader.start()
+        encoder.start()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if self._stopping:
+                self.send(Failed(item.job.job_id, "The engine is shutting down.", retryable=True))
+                continue
+            self._run(item)
+        # Jobs that arrived after the Shutdown.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                self.send(Failed(item.job.job_id, "The engine is shutting down.", retryable=True))
+        self._encode_queue.put(None)
+        encoder.join()
+        return True
+
+    def _run(self, item: _Queued) -> None:
+        job = item.job
+        job_id = job.job_id
+        with self._state_lock:
+            if job_id in self._skip:
+                self._skip.discard(job_id)
+                return
+            self._queued_ids.discard(job_id)
+            self._current = job_id
+        started = time.perf_counter()
+        idle = None if self._previous_end is None else started - self._previous_end
+        back_to_back = self._previous_end is not None and item.received <= self._previous_end
+        self.send(Started(job_id))
+        try:
+            failure = self._check(job)
+            if failure is not None:
+                self.send(failure)
+                return
+            assert self._runner is not None
+            images = self._runner.run(job, on_progress=self.send, cancelled=lambda: self._is_cancelled(job_id))
+            compute = time.perf_counter() - started
+        except JobCancelled:
+            if self._aborting.is_set() and job_id not in self._cancelled:
+                self.send(Failed(job_id, "The engine shut down before the job finished.", retryable=True))
+            else:
+                self.send(Failed(job_id, "Cancelled.", retryable=False, cancelled=True))
+            return
+        except BaseException as exc:
+            self.send(self._failure(job_id, exc))
+            return
+        finally:
+            with self._state_lock:
+                self._current = None
+                self._cancelled.discard(job_id)
+            self._previous_end = time.perf_counter()
+        self.send(Computed(job_id))
+        stats = {
+            "wait_seconds": started - item.received,
+            "idle_seconds": idle,
+            "back_to_back": back_to_back,
+        }
+        self._encode_queue.put(_Finished(job, list(images), started, compute, stats))
+
+    def _check(self, job: Job) -> Failed | None:
+        generation = self._config.generation
+        try:
+            validate_job(
+                job,
+                models=self._config.models,
+                max_prompt_chars=generation.max_prompt_chars,
+                max_attachment_bytes=generation.max_attachment_bytes,
+                max_attachment_pixels=generation.max_attachment_pixels,
+                upscale_max_side=generation.upscale_max_side,
+            )
+        except ValidationFailed as exc:
+            return Failed(job.job_id, exc.message, retryable=False)
+        return None
+
+    def _failure(self, job_id: str, exc: BaseException) -> Failed:
+        if isinstance(exc, EngineError):
+            return Failed(job_id, str(exc), retryable=exc.retryable)
+        if isinstance(exc, ValidationFailed):
+            return Failed(job_id, exc.message, retryable=False)
+        if self._model_load_error is not None and isinstance(exc, self._model_load_error):
+            return Failed(job_id, f"The model cannot be loaded: {exc}", retryable=False)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise exc
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        # Not known to be the job's fault (out of memory, a driver error…): let the bot retry it.
+        return Failed(job_id, f"Engine error: {type(exc).__name__}: {exc}", retryable=True)
+
+    # ------------------------------------------------------------------ results
+
+    def _encode_loop(self) -> None:
+        while True:
+            item = self._encode_queue.get()
+            if item is None:
+                return
+            started = time.perf_counter()
+            job = item.job
+            try:
+                images = [
+                    encode_image(out.image, self.image_params(job, out), max_bytes=job.max_image_bytes)
+                    for out in item.images
+                ]
+            except Exception as exc:
+                log.error("encoding job %s failed:\n%s", job.job_id, traceback.format_exc())
+                self.send(Failed(job.job_id, f"Encoding failed: {exc}", retryable=True))
+                continue
+            finished = time.perf_counter()
+            result = Result(
+                job_id=job.job_id,
+                images=images,
+                model=job.model or self._config.default_model,
+                seconds=finished - item.started,
+                compute_seconds=item.compute_seconds,
+            )
+            stats = JobStats(
+                job_id=job.job_id,
+                compute_seconds=item.compute_seconds,
+                encode_seconds=finished - started,
+                **item.stats,
+            )
+            self.send(Done(result, stats))
+
+    def image_params(self, job: Job, out: GeneratedLike) -> dict[str, Any]:
+        """The A1111-style parameters written into each image."""
+        model = job.model or self._config.default_model
+        params: dict[str, Any] = {
+            "prompt": job.prompt,
+            "negative": job.negative,
+            "steps": job.steps,
+            "sampler": job.sampler,
+            "cfg": job.cfg,
+            "seed": out.seed,
+            "width": out.image.width,
+            "height": out.image.height,
+            "model": model,
+        }
+        settings = self._config.models.get(model)
+        if isinstance(job, Text2Img):
+            if job.refiner is not False and settings is not None and settings.refiner:
+                params["refiner"] = _source_name(settings.refiner)
+                params["refiner_switch"] = self._config.engine.high_noise_frac
+        elif isinstance(job, Refine | Variations | Upscale):
+            params["strength"] = job.strength
+            if isinstance(job, Upscale):
+                params["upscale"] = job.factor
+        params["job_id"] = job.job_id
+        params["version"] = self._version
+        return params
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of the child process."""
+    # Ctrl+C in a terminal reaches the whole process group: the bot decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    logging.basicConfig(
+        level=config.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s engine[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    worker = Worker(conn, config)
+    code = 1
+    try:
+        code = 0 if worker.serve() else 1
+    finally:
+        with worker._send_lock:
+            conn.close()
+        log.info("engine stopped")
+        logging.shutdown()
+        try:
+            # What a normal exit runs: releases named semaphores (tqdm makes one) so the resource
+            # tracker has nothing to warn about.
+            multiprocessing.util._exit_function()
+        except Exception:
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter teardown (seconds with torch loaded): everything is sent and closed.
+        os._exit(code)
+
+
+__all__ = ["RunnerLike", "Worker", "build_runner", "worker_main"]
