@@ -103,7 +103,9 @@ async def play(studio: Studio) -> list[Step]:
     async def refine() -> str:
         image = studio.sb.file_bytes(state["first"].attachments[0])
         inter = await studio.command(
-            alice, "refine", {"prompt": "sharper details", "strength": 0.4},
+            alice,
+            "refine",
+            {"prompt": "sharper details", "strength": 0.4},
             attachments=[("sketch.png", image, "image/png")],
         )
         result = await studio.result_of(job_id_of(inter))

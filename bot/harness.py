@@ -67,9 +67,21 @@ class Studio:
     mod: User
     mod_role: Role
 
+    def new_member(self, name: str, *, roles: list[Role] | None = None) -> User:
+        """A fresh member (own quota, own queue) so tests sharing one studio stay independent."""
+        user = self.sb.add_user(name)
+        self.sb.add_member(self.guild, user, roles=roles or [])
+        return user
+
     async def command(
-        self, user: User, name: str, options: dict[str, Any] | None = None, *, channel: Channel | None = None,
-        attachments: list[tuple[str, bytes, str]] | None = None, timeout: float = 5.0,
+        self,
+        user: User,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        channel: Channel | None = None,
+        attachments: list[tuple[str, bytes, str]] | None = None,
+        timeout: float = 5.0,
     ) -> InteractionRecord:
         inter = await self.sb.slash(user, channel or self.channel, name, options or {}, attachments=attachments)
         await inter.wait_response(timeout)
@@ -124,8 +136,15 @@ def build_world(sb: Sandbox) -> dict[str, Any]:
     sb.add_member(guild, alice)
     sb.add_member(guild, bob)
     sb.add_member(guild, mod, roles=[mod_role])
-    return {"guild": guild, "channel": channel, "nsfw": nsfw, "alice": alice, "bob": bob, "mod": mod,
-            "mod_role": mod_role}
+    return {
+        "guild": guild,
+        "channel": channel,
+        "nsfw": nsfw,
+        "alice": alice,
+        "bob": bob,
+        "mod": mod,
+        "mod_role": mod_role,
+    }
 
 
 @contextlib.asynccontextmanager
