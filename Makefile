@@ -6,7 +6,7 @@ EXTRAS ?= test,safety,postgres
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run demo test test-fast bench lint format tiny-model clean
+.PHONY: install system-deps run demo test test-fast bench lint format tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ run: install
 demo: install
 	$(BIN)/atelier demo
 
-test: install
+# Debian packages some tests use (chromium + tesseract for the demo screenshot, a PostgreSQL
+# server): installed when running as root, otherwise those tests skip with the reason.
+system-deps:
+	sh scripts/system-deps.sh
+
+test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import discord
 import yarl
+from discord import app_commands
 from discord.ext import commands
 
 from bot.views import DYNAMIC_ITEMS
@@ -85,6 +86,71 @@ def make_engine(settings: Settings) -> EngineClient:
     return LocalEngineClient(settings)
 
 
+def error_text(error: app_commands.AppCommandError) -> str | None:
+    """The member-facing text for an app-command error; None for an unexpected one (a bug)."""
+    from bot.fairqueue import QueueFull
+    from bot.requests import Refused
+    from engine.validate import ValidationFailed
+
+    if isinstance(error, app_commands.CommandInvokeError):
+        original = error.original
+        if isinstance(original, Refused | ValidationFailed | QueueFull):
+            return str(original)
+        return None
+    if isinstance(error, app_commands.NoPrivateMessage):
+        return "This command works in a server, not in DMs."
+    if isinstance(error, app_commands.MissingPermissions):
+        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
+        return f"You need the {needed} permission for that."
+    if isinstance(error, app_commands.BotMissingPermissions):
+        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
+        return f"I am missing the {needed} permission in this channel: ask a server admin to grant it."
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"Slow down: try again in {error.retry_after:.0f} s."
+    if isinstance(error, app_commands.CheckFailure):
+        # NotModerator, GuildOnly (bot.permissions) carry their own text.
+        return getattr(error, "message", None) or "You cannot use this command here."
+    if isinstance(error, app_commands.TransformerError):
+        return (
+            f"I could not use `{str(error.value)[:80]}` for that option: pick a value Discord offers "
+            "(a member, role or choice from the list) and try again."
+        )
+    if isinstance(error, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
+        return "This command changed since your Discord app loaded it: reload Discord (Ctrl+R) and try again."
+    return None
+
+
+class AtelierTree(app_commands.CommandTree):
+    """Every app-command error gets an ephemeral answer, so nothing ends in Discord's
+    "The application did not respond"; unexpected ones are logged with the interaction id."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
+        text = error_text(error)
+        command = interaction.command.qualified_name if interaction.command else "?"
+        if text is None:
+            cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+            log.error(
+                "command /%s by user %s failed (interaction %s)",
+                command,
+                interaction.user.id,
+                interaction.id,
+                exc_info=(type(cause), cause, cause.__traceback__),
+            )
+            text = (
+                f"Something went wrong on my side (reference `{interaction.id}`). Please try again; "
+                "if it keeps happening, tell a moderator."
+            )
+        else:
+            log.info("command /%s by user %s refused: %s", command, interaction.user.id, type(error).__name__)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)
+
+
 class AtelierBot(commands.Bot):
     def __init__(
         self,
@@ -97,7 +163,11 @@ class AtelierBot(commands.Bot):
         intents.guilds = True
         options.setdefault("guild_ready_timeout", 1.0)
         super().__init__(
-            command_prefix=commands.when_mentioned, intents=intents, help_command=None, **options
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            tree_cls=AtelierTree,
+            **options,
         )
         self.settings = settings
         self._engine_factory = engine_factory

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from engine.tiny import build_tiny_sdxl
 log = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = Path("data/tiny-sdxl")
+MENTION = re.compile(r"<@!?(\d+)>")
 
 
 @dataclass
@@ -114,7 +116,7 @@ async def play(studio: Studio) -> list[Step]:
     async def lower_quota() -> str:
         inter = await studio.command(mod, "mod quota set", {"user": bob, "limit": 0.5})
         assert inter.response is not None
-        return f"moderator: {inter.response.content}"
+        return f"moderator sees: {readable(studio, inter.response.content)}"
 
     async def over_quota() -> str:
         inter = await studio.command(bob, "generate", {"prompt": "one more robot", "count": 4})
@@ -122,7 +124,7 @@ async def play(studio: Studio) -> list[Step]:
         text = inter.response.content or ""
         if text.startswith("Queued"):
             return "UNEXPECTED: the over-quota job was accepted"
-        return f"refused (ephemeral): {text.splitlines()[0][:60]}…"
+        return f"refused (ephemeral): {first_sentence(text)}"
 
     state: dict[str, object] = {}
     await timed("alice /generate", generate())
@@ -135,6 +137,22 @@ async def play(studio: Studio) -> list[Step]:
     await timed("mia (moderator) /mod quota set bob 0.5", lower_quota())
     await timed("bob /generate count:4 again", over_quota())
     return steps
+
+
+def readable(studio: Studio, text: str) -> str:
+    """Message text for a terminal: user mentions as @name."""
+
+    def name(match: re.Match[str]) -> str:
+        user = studio.sb.world.users.get(int(match[1]))
+        return f"@{user.display_name}" if user else match[0]
+
+    return MENTION.sub(name, text)
+
+
+def first_sentence(text: str) -> str:
+    line = text.splitlines()[0] if text else ""
+    end = line.find(". ")
+    return line if end < 0 else line[: end + 1]
 
 
 def print_summary(steps: list[Step], out: Path, written: object, total: float) -> None:

@@ -77,7 +77,8 @@ class QueueCard:
 
 def queue_card(card: QueueCard) -> str:
     """The public answer to an accepted command or click. Starts with `Queued` (contract)."""
-    where = "next in line" if card.position <= 1 else f"position {card.position}"
+    # Contract: the card shows the position, also when it is the first.
+    where = "position 1 (next in line)" if card.position <= 1 else f"position {card.position}"
     eta = f" · ETA ~{duration(card.eta_seconds)}" if card.eta_seconds is not None else ""
     left = "unlimited" if card.remaining is None else f"{units(card.remaining)} units left"
     return (
@@ -127,7 +128,7 @@ def result_embed(
     cfg: float,
     size: tuple[int, int],
     seconds: float,
-    owner_mention: str,
+    requested_by: str | None,
     strength: float | None = None,
     notice: str = "",
 ) -> discord.Embed:
@@ -150,7 +151,8 @@ def result_embed(
     embed.add_field(name="Time", value=duration(seconds) if seconds >= 1 else f"{seconds:.2f} s")
     if notice:
         embed.add_field(name="Note", value=cut(notice, FIELD_LIMIT), inline=False)
-    embed.set_footer(text=f"requested by {owner_mention}")
+    if requested_by:  # a name: Discord shows footers as plain text, a mention would stay `<@id>`
+        embed.set_footer(text=f"requested by {requested_by}")
     return embed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import secrets
 from dataclasses import replace
 from pathlib import Path
@@ -163,11 +164,8 @@ class JobRequests:
         count: int | None = None,
     ) -> None:
         gen = self.settings.generation
-        if attachment.size > gen.max_attachment_bytes:
-            raise Refused(
-                f"The image is {attachment.size / 1048576:.1f} MiB; attach one of at most "
-                f"{gen.max_attachment_bytes / 1048576:.0f} MiB."
-            )
+        # By the size Discord reports, before downloading anything (the bytes are checked again).
+        validate.check_attachment_size(attachment.size, max_bytes=gen.max_attachment_bytes)
         if (
             attachment.width
             and attachment.height
@@ -258,6 +256,7 @@ class JobRequests:
         if guild_id is None and not self.settings.discord.allow_dms:
             raise Refused("Image commands work in servers only here.")
         if guild_id is not None:
+            _check_can_post(interaction)
             ban = await services.moderation.get_ban(guild_id, user.id)
             if ban is not None:
                 reason = f" Reason: {ban.reason}" if ban.reason else ""
@@ -338,7 +337,11 @@ class JobRequests:
             return None
         term = self.services.blocked_term(text)
         if term is None and guild_id is not None:
-            term = await self.services.moderation.matching_pattern(guild_id, text)
+            pattern = await self.services.moderation.matching_pattern(guild_id, text)
+            if pattern is not None:
+                # Show the member the words that matched, not the moderators' regex.
+                match = re.search(pattern, text, re.IGNORECASE)
+                term = (match.group(0) if match else "") or pattern
         return term
 
     # ------------------------------------------------------------------ buttons
@@ -565,6 +568,28 @@ class JobRequests:
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_can_post(interaction: discord.Interaction) -> None:
+    """Refuse (before anything is charged) a job whose result the bot could not post here: results
+    are channel messages sent with the bot's token, which needs these permissions in the channel."""
+    granted = interaction.app_permissions
+    if granted.value == 0:
+        return  # not sent by this server (Discord always sends it): the post itself will tell
+    in_thread = isinstance(interaction.channel, discord.Thread)
+    needed = {
+        "Send Messages in Threads" if in_thread else "Send Messages": (
+            granted.send_messages_in_threads if in_thread else granted.send_messages
+        ),
+        "Attach Files": granted.attach_files,
+        "Embed Links": granted.embed_links,
+    }
+    missing = [name for name, ok in needed.items() if not ok]
+    if missing:
+        raise Refused(
+            f"I cannot post images in this channel: I need the {', '.join(missing)} permission(s) here. "
+            "Ask a server admin to allow it, or use another channel."
+        )
+
+
 def _params(job: Job) -> dict[str, Any]:
     """What is stored with a job: every field but the image bytes and the placeholder id."""
     return {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in ("image", "job_id")}

@@ -8,13 +8,17 @@ discord.py; one that matches but names an unknown job gets a clear ephemeral ans
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import discord
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
+
+log = logging.getLogger(__name__)
 
 JOB_ID = r"(?P<job>[0-9A-Z]{4,16})"
 INDEX = r"(?P<index>[0-3])"
@@ -34,6 +38,24 @@ class ButtonActions(Protocol):
 def _actions(interaction: discord.Interaction) -> ButtonActions:
     bot: AtelierBot = interaction.client  # type: ignore[assignment]
     return bot.requests
+
+
+async def _safely(interaction: discord.Interaction, action: Awaitable[None]) -> None:
+    """A click never ends in Discord's "This interaction failed": unexpected errors are logged
+    and the member is told, ephemerally."""
+    try:
+        await action
+    except Exception:
+        custom_id = (interaction.data or {}).get("custom_id")
+        log.exception("button %s by %s failed", custom_id, interaction.user.id)
+        text = "Something went wrong with that button. Nothing was charged; please try again."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException:
+            pass
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"$^"):
@@ -76,42 +98,42 @@ class RerollButton(JobButton, template=rf"atelier:reroll:{JOB_ID}$"):
     action = "reroll"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).reroll(interaction, self.job_id)
+        await _safely(interaction, _actions(interaction).reroll(interaction, self.job_id))
 
 
 class UpscaleButton(JobButton, template=rf"atelier:upscale:{JOB_ID}:{INDEX}$"):
     action = "upscale"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).upscale(interaction, self.job_id, self.index)
+        await _safely(interaction, _actions(interaction).upscale(interaction, self.job_id, self.index))
 
 
 class VariationsButton(JobButton, template=rf"atelier:variations:{JOB_ID}:{INDEX}$"):
     action = "variations"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).variations(interaction, self.job_id, self.index)
+        await _safely(interaction, _actions(interaction).variations(interaction, self.job_id, self.index))
 
 
 class RefineButton(JobButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
     action = "refine"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).refine(interaction, self.job_id, self.index)
+        await _safely(interaction, _actions(interaction).refine(interaction, self.job_id, self.index))
 
 
 class DeleteButton(JobButton, template=rf"atelier:delete:{JOB_ID}$"):
     action = "delete"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).delete(interaction, self.job_id)
+        await _safely(interaction, _actions(interaction).delete(interaction, self.job_id))
 
 
 class CancelButton(JobButton, template=rf"atelier:cancel:{JOB_ID}$"):
     action = "cancel"
 
     async def callback(self, interaction: discord.Interaction) -> Any:
-        await _actions(interaction).cancel(interaction, self.job_id)
+        await _safely(interaction, _actions(interaction).cancel(interaction, self.job_id))
 
 
 DYNAMIC_ITEMS: tuple[type[JobButton], ...] = (

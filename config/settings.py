@@ -311,6 +311,8 @@ def merged_toml(config_path: Path | None) -> dict[str, Any]:
         user = _read_toml(config_path)
         if "models" in user:
             data.pop("models", None)
+        if "aspects" in (user.get("generation") or {}):
+            data.get("generation", {}).pop("aspects", None)  # the operator's sizes replace ours
         data = deep_merge(data, user)
     return data
 
@@ -329,6 +331,8 @@ def config_path_from_env(environ: Mapping[str, str]) -> Path | None:
 # Set while load_settings() is given its own [models]: like a [models] table in the operator's
 # file, programmatic models replace the file's list instead of merging into it.
 _MODELS_GIVEN: ContextVar[bool] = ContextVar("models_given", default=False)
+# The same for [generation.aspects]: the sizes given replace the shipped buckets, not extend them.
+_ASPECTS_GIVEN: ContextVar[bool] = ContextVar("aspects_given", default=False)
 
 
 class TomlFilesSource(PydanticBaseSettingsSource):
@@ -337,6 +341,8 @@ class TomlFilesSource(PydanticBaseSettingsSource):
         self._data = merged_toml(config_path_from_env(os.environ))
         if _MODELS_GIVEN.get():
             self._data.pop("models", None)
+        if _ASPECTS_GIVEN.get():
+            self._data.get("generation", {}).pop("aspects", None)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._data.get(field_name), field_name, False
@@ -368,6 +374,8 @@ def _describe(error: Mapping[str, Any]) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Load and validate the settings; raise ConfigError with one line naming the bad key."""
     token = _MODELS_GIVEN.set("models" in overrides)
+    generation = overrides.get("generation")
+    aspects_token = _ASPECTS_GIVEN.set(isinstance(generation, Mapping) and "aspects" in generation)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -377,6 +385,7 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"invalid config: {_describe(first)}{suffix}") from None
     finally:
         _MODELS_GIVEN.reset(token)
+        _ASPECTS_GIVEN.reset(aspects_token)
 
 
 def read_token(environ: Mapping[str, str]) -> str:

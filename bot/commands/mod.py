@@ -15,11 +15,21 @@ from discord.ext import commands
 from bot.commands.common import any_jobs_autocomplete, model_autocomplete
 from bot.permissions import moderator_only
 from bot.render import units
+from bot.requests import Refused
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
 
 MANAGE_GUILD = discord.Permissions(manage_guild=True)
+MAX_UNITS = 1e6
+
+
+def _amount(value: float, name: str, *, minimum: float) -> float:
+    """Discord's client enforces the option's range, but a modified client need not: check again
+    (the tree's error handler shows the Refused text ephemerally)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= MAX_UNITS:
+        raise Refused(f"`{name}` must be a number from {minimum:g} to {MAX_UNITS:.0f} (you gave {value}).")
+    return float(value)
 
 
 @app_commands.guild_only()
@@ -44,6 +54,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     async def quota_set(
         self, interaction: discord.Interaction, user: discord.User, limit: app_commands.Range[float, 0.0, 1e6]
     ) -> None:
+        limit = _amount(limit, "limit", minimum=0.0)
         await self.bot.services.quotas.set_user_limit(interaction.guild_id, user.id, limit)
         await self._reply(interaction, f"{user.mention} may now use {units(limit)} units per window.")
 
@@ -57,6 +68,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
         user: discord.User,
         units_: app_commands.Range[float, 0.01, 1e6],
     ) -> None:
+        units_ = _amount(units_, "units", minimum=0.01)
         await self.bot.services.quotas.grant(interaction.guild_id, user.id, units_, interaction.user.id)
         await self._reply(interaction, f"Granted {units(units_)} extra units to {user.mention}.")
 
@@ -73,6 +85,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     async def quota_default(
         self, interaction: discord.Interaction, limit: app_commands.Range[float, 0.0, 1e6]
     ) -> None:
+        limit = _amount(limit, "limit", minimum=0.0)
         await self.bot.services.quotas.set_default_limit(interaction.guild_id, limit)
         await self._reply(
             interaction, f"The server's default allowance is now {units(limit)} units per window."
@@ -86,6 +99,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     async def quota_role(
         self, interaction: discord.Interaction, role: discord.Role, limit: app_commands.Range[float, 0.0, 1e6]
     ) -> None:
+        limit = _amount(limit, "limit", minimum=0.0)
         await self.bot.services.quotas.set_role_limit(interaction.guild_id, role.id, limit)
         await self._reply(
             interaction, f"Members with {role.mention} may use {units(limit)} units per window."

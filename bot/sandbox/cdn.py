@@ -33,7 +33,9 @@ def image_info(data: bytes) -> tuple[int, int, str] | None:
         with Image.open(io.BytesIO(data)) as img:
             mime = Image.MIME.get(img.format or "", None) or OCTET
             return img.width, img.height, mime
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        # A decompression bomb (a tiny file declaring billions of pixels) is stored like any
+        # file; the bot must catch it by its content.
         return None
 
 

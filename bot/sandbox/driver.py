@@ -91,6 +91,68 @@ class Driver:
             data["guild_id"] = str(cmd.guild_id)
         return self._dispatch_interaction(APPLICATION_COMMAND, who, chan, guild, data, locale=locale)
 
+    async def raw_slash(
+        self: Sandbox,
+        user: Ref,
+        channel: Ref,
+        command: str,
+        options: dict[str, Any] | None = None,
+    ) -> InteractionRecord:
+        """Send ``/command`` the way a modified client (or a server whose admin changed the
+        command's permissions) can: option names and types come from the synced schema, but
+        nothing the Discord client would check is checked here: not ``default_member_permissions``,
+        not ranges, lengths, choices or required options. For testing the bot's OWN checks.
+        Entity options take the same values as in :meth:`slash`."""
+        who, chan, guild = self._actor(user, channel)
+        name, *parts = command.strip().lstrip("/").split()
+        cmd = self.commands.find(name, guild.id if guild else None)
+        if cmd is None:
+            raise InvocationError(f"/{name} is not registered here; did the bot sync?")
+        leaf, chain = walk_path(cmd, parts)
+        by_name = {o["name"]: o for o in leaf}
+        resolved: dict[str, dict[str, Any]] = {}
+        leaf_options: list[dict[str, Any]] = []
+        for opt_name, value in (options or {}).items():
+            opt = by_name.get(opt_name)
+            if opt is None:
+                raise InvocationError(f"/{command}: no option {opt_name!r} in the schema ({sorted(by_name)})")
+            entry: dict[str, Any] = {"name": opt_name, "type": opt["type"]}
+            if opt["type"] in (USER, CHANNEL, ROLE, MENTIONABLE, ATTACHMENT):
+                entry["value"] = self._entity_value(opt, value, guild, resolved, f"/{command} {opt_name}")
+            else:
+                entry["value"] = value
+            leaf_options.append(entry)
+        data: dict[str, Any] = {
+            "id": str(cmd.id),
+            "name": cmd.name,
+            "type": cmd.type,
+            "options": nest(chain, leaf_options),
+        }
+        if resolved:
+            data["resolved"] = resolved
+        if cmd.guild_id is not None:
+            data["guild_id"] = str(cmd.guild_id)
+        return self._dispatch_interaction(APPLICATION_COMMAND, who, chan, guild, data)
+
+    async def raw_click(self: Sandbox, user: Ref, message: Ref, custom_id: str) -> InteractionRecord:
+        """A button click with any ``custom_id`` on a bot message (a tampered client, or a button
+        naming a job that no longer exists): for testing the bot's own checks. When the message
+        does not carry that button, the interaction's copy of the message gets it in an extra row
+        (libraries look the clicked button up there); the stored message is left unchanged."""
+        msg = self.world.messages.get(ref_id(message))
+        if msg is None or msg.deleted:
+            raise InvocationError("cannot click on a deleted or unknown message")
+        who, chan, guild = self._actor(user, msg.channel_id)
+        data: dict[str, Any] = {"custom_id": custom_id, "component_type": 2}
+        original = msg.components
+        if not any(c.get("custom_id") == custom_id for c in msg.iter_components()):
+            button = {"type": 2, "style": 2, "label": "forged", "custom_id": custom_id}
+            msg.components = [*original, {"type": 1, "components": [button]}]
+        try:
+            return self._dispatch_interaction(MESSAGE_COMPONENT, who, chan, guild, data, message=msg)
+        finally:
+            msg.components = original
+
     async def autocomplete(
         self: Sandbox,
         user: Ref,

@@ -36,6 +36,7 @@ REQUEST_GUILD_MEMBERS = 8
 INVALID_SESSION = 9
 HELLO = 10
 HEARTBEAT_ACK = 11
+HEARTBEAT_ACK_DELAY = 0.2  # seconds
 
 GUILDS = 1 << 0
 GUILD_MEMBERS = 1 << 1
@@ -235,7 +236,12 @@ class Gateway:
     async def _on_op(self, conn: GatewayConnection, op: int, data: Any) -> None:
         if op == HEARTBEAT:
             self.heartbeat_count += 1
-            conn.send({"op": HEARTBEAT_ACK, "d": None, "s": None, "t": None})
+            # Acked after a short delay, like over a real network: discord.py's heartbeat thread
+            # records the send time only after the send completes, so an instant local ACK can
+            # arrive first and log "Can't keep up, websocket is 41.3s behind".
+            ack = {"op": HEARTBEAT_ACK, "d": None, "s": None, "t": None}
+            delay = min(HEARTBEAT_ACK_DELAY, self._settings.heartbeat_interval / 4)
+            asyncio.get_running_loop().call_later(delay, conn.send, ack)
             self._world.changed()
         elif op == IDENTIFY:
             await self._identify(conn, data or {})

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 BUTTON_STYLES = {1: "primary", 2: "secondary", 3: "success", 4: "danger", 5: "link", 6: "premium"}
 AVATAR_COLOURS = ["#5865f2", "#3ba55c", "#faa61a", "#ed4245", "#eb459e", "#9b59b6", "#1abc9c"]
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Bare links (not inside a masked link or an attribute); Discord message links become pills.
+MESSAGE_LINK = re.compile(r"(?<![\w('\"=>])https://(?:\w+\.)?discord(?:app)?\.com/channels/(\d+|@me)/(\d+)/(\d+)")
+BARE_URL = re.compile(r"(?<![\w('\"=>])(https?://[^\s<'\"]+)")
 
 CSS = """
 body{margin:0;background:#313338;color:#dbdee1;
@@ -65,6 +68,15 @@ h2 .hash{color:#80848e;margin-right:4px}
 .embed img.thumb{float:right;max-width:80px;max-height:80px;border-radius:4px;margin-left:12px}
 .attachments{display:flex;flex-wrap:wrap;gap:6px;margin-top:6px}
 .attachments img{max-width:400px;max-height:400px;border-radius:6px;display:block}
+.attachments.grid{display:grid;grid-template-columns:repeat(2,260px);gap:4px}
+.attachments.grid img{width:260px;height:260px;object-fit:cover;border-radius:4px}
+.msglink{background:rgba(88,101,242,.3);color:#c9cdfb;border-radius:3px;padding:0 3px;text-decoration:none}
+.content a.url{color:#00a8fc;text-decoration:none}
+.was{border-left:3px solid #4e5058;padding-left:8px;margin-top:4px;color:#949ba4;font-size:13px}
+.was .content code{font-size:90%}
+.history{color:#949ba4;font-size:12px;margin-top:2px}
+.history summary{cursor:pointer}
+.history ol{margin:4px 0 0;padding-left:20px}
 .file{background:#2b2d31;border:1px solid #1e1f22;border-radius:6px;padding:10px 12px}
 .file a{color:#00a8fc}
 .row{display:flex;gap:8px;flex-wrap:wrap;margin-top:6px}
@@ -81,7 +93,8 @@ h2 .hash{color:#80848e;margin-right:4px}
   max-width:520px}
 .eph{font-size:12px;color:#949ba4;margin-top:4px}
 .eph a{color:#00a8fc}
-.reply{font-size:13px;color:#b5bac1;margin-bottom:2px}
+.reply{font-size:13px;color:#b5bac1;margin-bottom:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;
+  max-width:720px}
 .reply b{color:#f2f3f5;font-weight:500}
 """
 
@@ -158,6 +171,7 @@ class _Renderer:
         parts += [self.embed(e) for e in msg.embeds]
         parts.append(self.attachments(msg))
         parts.append(self.components(msg.components))
+        parts.append(self.history(msg))
         if msg.ephemeral:
             viewer = self.world.users.get(msg.visible_to or 0)
             who = f" ({html.escape(viewer.display_name)})" if viewer else ""
@@ -168,11 +182,34 @@ class _Renderer:
             f"<div class=body>{''.join(parts)}</div></div>"
         )
 
+    def history(self, msg: Message) -> str:
+        """Earlier versions of an edited message (e.g. a queue card that became progress, then
+        "Done"): the first version in full, the ones in between folded. Discord shows only the
+        latest, but a transcript is read after the fact."""
+        versions = [v for v in msg.history if v.content]
+        if not versions:
+            return ""
+        first, between = versions[0], versions[1:]
+        out = (
+            f"<div class=was><span class=time>first posted {first.at.strftime('%H:%M:%S')}:</span>"
+            f"<div class=content>{self.markdown(first.content)}</div></div>"
+        )
+        if between:
+            items = "".join(
+                f"<li><span class=time>{v.at.strftime('%H:%M:%S')}</span> "
+                f"{self.markdown(v.content.replace(chr(10), ' · '))}</li>"
+                for v in between
+            )
+            summary = f"{len(between)} edit(s) in between"
+            out += f"<details class=history><summary>{summary}</summary><ol>{items}</ol></details>"
+        return out
+
     def context(self, msg: Message) -> str:
         if msg.reference is not None:
             ref = self.world.messages.get(int(msg.reference["message_id"]))
             if ref is not None:
-                snippet = html.escape(ref.content[:80]) or "<i>Click to see attachment</i>"
+                # one line, cut by CSS (an ellipsis) so markup and links stay whole
+                snippet = self.markdown(ref.content.split("\n", 1)[0]) or "<i>Click to see attachment</i>"
                 return f"<div class=reply>↪ <b>@{html.escape(ref.author.display_name)}</b> {snippet}</div>"
         meta = msg.interaction_meta
         if meta and meta.get("name"):
@@ -225,23 +262,26 @@ class _Renderer:
         if not msg.attachments:
             return ""
         embedded = {str((e.get("image") or {}).get("url")) for e in msg.embeds}
+        shown = [att for att in msg.attachments if att.is_image and att.url not in embedded]
+        grid = len(shown) > 1  # several images: Discord's mosaic of cropped squares
         items = []
         for att in msg.attachments:
             name = self.save(att)
             if att.url in embedded:
                 continue  # Discord hides attachments that an embed already shows
             if att.is_image:
+                size = "" if grid else f"width={att.width} height={att.height} style='width:auto;height:auto'"
                 items.append(
                     f"<a href='{html.escape(name)}'><img src='{html.escape(name)}' "
-                    f"alt='{html.escape(att.filename)}' width={att.width} height={att.height} "
-                    "style='width:auto;height:auto'></a>"
+                    f"alt='{html.escape(att.filename)}' {size}></a>"
                 )
             else:
                 items.append(
                     f"<div class=file>📄 <a href='{html.escape(name)}'>{html.escape(att.filename)}</a> "
                     f"<span class=time>{att.size} bytes</span></div>"
                 )
-        return f"<div class=attachments>{''.join(items)}</div>" if items else ""
+        cls = "attachments grid" if grid else "attachments"
+        return f"<div class='{cls}'>{''.join(items)}</div>" if items else ""
 
     def components(self, components: list[dict[str, Any]]) -> str:
         out = []
@@ -329,7 +369,9 @@ class _Renderer:
         out = re.sub(r"(?<!\w)_(?!\s)(.+?)(?<!\s)_(?!\w)", r"<i>\1</i>", out)
         out = re.sub(r"~~(.+?)~~", r"<s>\1</s>", out)
         out = re.sub(r"\|\|(.+?)\|\|", r"<span style='background:#1e1f22'>\1</span>", out)
+        out = MESSAGE_LINK.sub(lambda m: self.message_link(int(m.group(2)), int(m.group(3))), out)
         out = re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", r"<a href='\2' style='color:#00a8fc'>\1</a>", out)
+        out = BARE_URL.sub(r"<a class=url href='\1'>\1</a>", out)
         out = re.sub(r"&lt;@!?(\d+)&gt;", lambda m: self.mention_user(int(m.group(1))), out)
         out = re.sub(r"&lt;@&amp;(\d+)&gt;", lambda m: self.mention_role(int(m.group(1))), out)
         out = re.sub(r"&lt;#(\d+)&gt;", lambda m: self.mention_channel(int(m.group(1))), out)
@@ -346,6 +388,12 @@ class _Renderer:
             lines.append(line)
         out = "<br>".join(lines).replace("</blockquote><br>", "</blockquote>")
         return re.sub(r"\x00(\d+)\x00", lambda m: blocks[int(m.group(1))], out)
+
+    def message_link(self, channel_id: int, message_id: int) -> str:
+        """A link to a Discord message, drawn as Discord does (a pill), pointing into this page."""
+        chan = self.world.channels.get(channel_id)
+        name = html.escape(chan.name or "" if chan else "unknown")
+        return f"<a class=msglink href='#m{message_id}'>#{name} › message</a>"
 
     def mention_user(self, user_id: int) -> str:
         user = self.world.users.get(user_id)

@@ -176,3 +176,13 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "engine.device" in proc.stderr
+
+
+def test_operator_aspects_replace_the_shipped_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contract: an operator may replace the sizes; a table of two gives exactly two choices."""
+    table = '[generation.aspects]\n"square" = "512x512"\n"wide" = "768x512"\n'
+    monkeypatch.setenv("ATELIER_CONFIG", str(write(tmp_path, table)))
+    assert load_settings().generation.aspect_sizes() == {"square": (512, 512), "wide": (768, 512)}
+    given = load_settings(generation={"aspects": {"1:1": "256x256"}})
+    assert given.generation.aspect_sizes() == {"1:1": (256, 256)}
+    assert given.generation.default_steps == 30  # the rest of [generation] still merges

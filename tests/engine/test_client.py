@@ -122,7 +122,7 @@ async def test_event_loop_keeps_running_during_a_job(client: LocalEngineClient) 
 
 async def test_cancel_running_job(client: LocalEngineClient) -> None:
     stream = client.submit(job("c1", steps=40, size=256, refiner=False))
-    seen = 0
+    seen = after_cancel = 0
     with pytest.raises(JobCancelled):
         async for item in stream:
             assert isinstance(item, Progress)
@@ -130,8 +130,12 @@ async def test_cancel_running_job(client: LocalEngineClient) -> None:
             if seen == 1:
                 assert await client.cancel("c1") is True
                 cancelled_at = time.perf_counter()
+            else:
+                after_cancel += 1
     latency = time.perf_counter() - cancelled_at
-    assert latency < 2.0
+    # Within one step: at most the step in flight (and one already on the pipe) is reported after
+    # the cancel, never the remaining ~38. (No wall-clock bound: this machine is shared and noisy.)
+    assert after_cancel <= 2
     assert await client.cancel("c1") is False
     assert client.health().busy == 0
     print(f"\ncancel → JobCancelled in {latency * 1000:.0f} ms")

@@ -11,13 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from compel import Compel, CompelForSDXL, ReturnedEmbeddingsType
+from compel.prompt_parser import FlattenedPrompt
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from config.settings import EngineSettings, GenerationSettings
 from engine.models import ModelRegistry
-from engine.pipelines import Generated, Runner, fresh_pipeline, img2img_call_steps, planned_steps
-from engine.prompts import encode_prompt
-from engine.spec import JobCancelled, Progress, Refine, Text2Img, Upscale, Variations
+from engine.pipelines import Generated, Runner, fresh_pipeline, img2img_call_steps, new_scheduler, planned_steps
+from engine.prompts import PROMPT_CACHE_SIZE, clear_prompt_cache, encode_prompt, plain_text
+from engine.samplers import make_scheduler
+from engine.spec import SAMPLERS, JobCancelled, Progress, Refine, Text2Img, Upscale, Variations
 
 SIZE = 128
 
@@ -109,6 +114,129 @@ def test_empty_negative(registry) -> None:
     assert encode_prompt(model.refiner, "a cat", "").negative_prompt_embeds is not None
     # Without guidance no negative is needed at all.
     assert encode_prompt(model.base, "a cat", "blurry", guidance=False).negative_prompt_embeds is None
+
+
+def compel_reference(pipe, prompt: str, negative: str, guidance: bool = True):
+    """What engine.prompts computed before its fast path and cache: compel run as documented."""
+    with_negative = guidance and (bool(negative.strip()) or not pipe.config.get("force_zeros_for_empty_prompt"))
+    with torch.inference_mode():
+        if getattr(pipe, "text_encoder", None) is not None:
+            out = CompelForSDXL(pipe)(prompt, negative_prompt=negative if with_negative else None)
+            return out.embeds, out.pooled_embeds, out.negative_embeds, out.negative_pooled_embeds
+        compel = Compel(
+            tokenizer=pipe.tokenizer_2,
+            text_encoder=pipe.text_encoder_2,
+            returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+            requires_pooled=True,
+            truncate_long_prompts=False,
+        )
+        embeds, pooled = compel([prompt, negative] if with_negative else [prompt])
+        if not with_negative:
+            return embeds, pooled, None, None
+        return embeds[:1], pooled[:1], embeds[1:], pooled[1:]
+
+
+REFERENCE_PROMPTS = [
+    ("a lighthouse on a cliff at dusk, oil painting", "blurry"),
+    ("sci-fi city,neon,rain", "low-quality, jpeg artifacts"),
+    ("A  Lighthouse\n at   dusk", ""),
+    ("", ""),
+    (" ".join(["castle"] * 120), "blurry"),  # plain and long: chunked without the parser
+    ("a cat", " ".join(["ugly"] * 120)),
+    ("a (cat)1.5 in a hat", "blurry, (ugly)0.5"),  # weighted: the parser runs
+    ("cat++ dog--", "plain negative"),
+    ('("a cat", "a dog").blend(0.7, 0.3)', "x"),
+]
+
+
+@pytest.mark.parametrize("role", ["base", "refiner"])
+def test_embeddings_are_bit_identical_to_compel(registry, role) -> None:
+    """The parser bypass for plain texts and the embedding cache change nothing: cold and cached,
+    plain and weighted, short and long, with and without guidance."""
+    pipe = getattr(registry.get(), role)
+    clear_prompt_cache()
+    for prompt, negative in REFERENCE_PROMPTS:
+        for guidance in (True, False):
+            expected = compel_reference(pipe, prompt, negative, guidance)
+            for attempt in ("cold", "cached"):
+                cond = encode_prompt(pipe, prompt, negative, guidance=guidance)
+                got = (
+                    cond.prompt_embeds,
+                    cond.pooled_prompt_embeds,
+                    cond.negative_prompt_embeds,
+                    cond.negative_pooled_prompt_embeds,
+                )
+                for name, want, have in zip(("embeds", "pooled", "neg", "neg pooled"), expected, got, strict=True):
+                    assert (want is None) == (have is None), (prompt, negative, guidance, attempt, name)
+                    if want is not None:
+                        assert torch.equal(want, have), (prompt, negative, guidance, attempt, name)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.sampled_from(
+            [*"ab Z9é漢,.-+'!?:;_[]<>/*&%#@~^|\t\n", "\xa0", "\u3000", ",,", "--", "++", "withLora", ".and"]
+        ),
+        max_size=24,
+    ).map("".join)
+    | st.text(max_size=30)
+)
+def test_plain_text_is_what_compels_parser_makes(text) -> None:
+    """Whenever plain_text() lets a text skip the parser, the parser would have produced exactly
+    one fragment of weight 1.0 with that text."""
+    plain = plain_text(text)
+    if plain is None:
+        return
+    parsed = Compel.parse_prompt_string(text)
+    assert parsed.weights == [1.0] and not parsed.lora_weights
+    assert [type(p) for p in parsed.prompts] == [FlattenedPrompt]
+    fragments = parsed.prompts[0].children
+    assert [(f.text, f.weight) for f in fragments] == [(plain, 1.0)]
+
+
+def test_plain_text_sends_syntax_to_the_parser() -> None:
+    assert plain_text("a lighthouse, oil painting") == "a lighthouse, oil painting"
+    assert plain_text("sci-fi,close-up") == "sci-fi, close-up"
+    for weighted in ("a (cat)1.5", "cat+", "cat -", "-cat", '"a cat"', "a\\(b", "x=1", "a\xa0b"):
+        assert plain_text(weighted) is None, weighted
+
+
+def test_prompt_cache_is_shared_by_the_refiner_and_bounded(registry) -> None:
+    model = registry.get()
+    clear_prompt_cache()
+    encode_prompt(model.base, "a shared prompt", "a shared negative")
+    # The refiner has its own tokenizer object with the same content and the same (shared)
+    # second encoder: it must not run that encoder again.
+    calls = []
+    encoder = model.refiner.text_encoder_2
+    handle = encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        encode_prompt(model.refiner, "a shared prompt", "a shared negative")
+        assert calls == []
+        encode_prompt(model.refiner, "a new prompt", "a shared negative")
+        assert len(calls) == 2  # hidden states + pooled output of the new prompt only
+    finally:
+        handle.remove()
+    for i in range(PROMPT_CACHE_SIZE + 10):
+        encode_prompt(model.base, f"prompt {i}", guidance=False)
+    from engine import prompts
+
+    assert all(len(cache.entries) <= PROMPT_CACHE_SIZE for cache in prompts._caches.values())
+
+
+def test_new_scheduler_is_a_fresh_make_scheduler(registry) -> None:
+    base = registry.get().base
+    for sampler in SAMPLERS:
+        made, copied = make_scheduler(sampler, base.scheduler.config), new_scheduler(base, sampler)
+        assert type(copied) is type(made) and dict(copied.config) == dict(made.config)
+        made.set_timesteps(12)
+        copied.set_timesteps(12)
+        assert torch.equal(made.timesteps, copied.timesteps)
+        assert torch.equal(made.sigmas, copied.sigmas) if hasattr(made, "sigmas") else True
+    first, second = new_scheduler(base, "dpmpp_2m_karras"), new_scheduler(base, "dpmpp_2m_karras")
+    first.set_timesteps(5)
+    assert first is not second and second.num_inference_steps is None  # nothing shared
 
 
 # --- text2img --------------------------------------------------------------------------------
@@ -326,6 +454,20 @@ def test_jobs_never_touch_the_shared_scheduler(runner, registry) -> None:
     private, _ = fresh_pipeline(model.base, "euler_a")
     assert private.scheduler is not model.base.scheduler
     assert private.unet is model.base.unet and private.vae is model.base.vae
+
+
+def test_private_pipeline_pins_the_execution_device_unless_offloaded(registry) -> None:
+    model = registry.get()
+    for pipe in (model.base, model.refiner, model.img2img):
+        private, _ = fresh_pipeline(pipe, "euler", images=2)
+        assert isinstance(private, type(pipe)) and type(private).__name__ == type(pipe).__name__
+        assert private._execution_device == pipe._execution_device
+    model.base.vae._hf_hook = object()  # as accelerate's offloading would leave it
+    try:
+        private, _ = fresh_pipeline(model.base, "euler")
+        assert type(private) is type(model.base)  # diffusers' own lookup of the hooks' device
+    finally:
+        del model.base.vae._hf_hook
 
 
 def test_concurrent_jobs_match_sequential_ones(runner) -> None:

@@ -189,7 +189,7 @@ def test_decompression_bomb_refused_fast_without_allocating() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert "too many pixels" in message
-    assert elapsed < 0.1
+    assert elapsed < 1.0  # decoding 10^10 pixels would take minutes (or fail to allocate)
     assert peak < 5 * MB
     # Under Pillow's own guard but over ours: our message names the size and the limit.
     message = refused("image", decode_image, png_header_only(5000, 5000), **LIMITS)
