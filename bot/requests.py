@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
+from bot.answer import first_response
 from bot.fairqueue import QueueFull
 from bot.permissions import is_moderator, role_ids
 from bot.render import (
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 ATTACHMENT_FETCH_SECONDS = 2.0
 MAX_SEED = 2**32 - 1
+INTAKE_CONCURRENCY = 4
 
 
 class Refused(Exception):
@@ -81,13 +83,17 @@ class JobRequests:
         self.services = services
         self.settings = bot.settings
         self.inputs_dir = inputs_dir
+        self._intake = asyncio.Semaphore(INTAKE_CONCURRENCY)
 
     # ------------------------------------------------------------------ answers
     async def _say(self, interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
         """An ephemeral answer, whether or not the interaction was answered already."""
         text = text[:CONTENT_LIMIT]
         try:
-            if interaction.response.is_done():
+            answer = interaction.extras.get("first_response")
+            if answer is not None:
+                await answer.ephemeral(text, **kwargs)
+            elif interaction.response.is_done():
                 await interaction.followup.send(text, ephemeral=True, **kwargs)
             else:
                 await interaction.response.send_message(text, ephemeral=True, **kwargs)
@@ -105,10 +111,13 @@ class JobRequests:
         await self._guarded(interaction, self._image_command, {"kind": "variations", **options})
 
     async def _guarded(self, interaction: discord.Interaction, handler: Any, options: dict[str, Any]) -> None:
+        answer = first_response(interaction)
         try:
             await handler(interaction, **options)
         except (Refused, ValidationFailed, QueueFull) as exc:
             await self._say(interaction, str(exc))
+        finally:
+            answer.stop()
 
     async def _generate(
         self,
@@ -166,11 +175,7 @@ class JobRequests:
         gen = self.settings.generation
         # By the size Discord reports, before downloading anything (the bytes are checked again).
         validate.check_attachment_size(attachment.size, max_bytes=gen.max_attachment_bytes)
-        if (
-            attachment.width
-            and attachment.height
-            and attachment.width * attachment.height > gen.max_attachment_pixels
-        ):
+        if attachment.width and attachment.height and attachment.width * attachment.height > gen.max_attachment_pixels:
             raise Refused(
                 f"The image is {attachment.width}×{attachment.height}; attach one of at most "
                 f"{gen.max_attachment_pixels / 1e6:.0f} megapixels."
@@ -180,9 +185,7 @@ class JobRequests:
         try:
             data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
         except (TimeoutError, discord.HTTPException):
-            raise Refused(
-                "I could not download your image in time: try again, or attach a smaller file."
-            ) from None
+            raise Refused("I could not download your image in time: try again, or attach a smaller file.") from None
         png, size = await self._prepare(data, upscale=False)
         common: dict[str, Any] = {
             "job_id": "pending",
@@ -196,9 +199,7 @@ class JobRequests:
         }
         job: Job
         if kind == "refine":
-            job = Refine(
-                strength=validate.check_strength(strength if strength is not None else 0.3), **common
-            )
+            job = Refine(strength=validate.check_strength(strength if strength is not None else 0.3), **common)
         else:
             number = validate.check_count(count if count is not None else 4)
             job = Variations(
@@ -249,6 +250,31 @@ class JobRequests:
         input_png: bytes | None = None,
         input_size: tuple[int, int] | None = None,
     ) -> None:
+        # Bounded: a burst is admitted a few requests at a time, in arrival order, instead of all
+        # of them interleaving on SQLite's single writer and finishing together at the end.
+        async with self._intake:
+            record, text = await self._admit(interaction, job, params, input_png=input_png, input_size=input_size)
+        self.services.delivery.track(record)
+        try:
+            message_id = await first_response(interaction).public_card(text, progress_view(record.id))
+        except discord.HTTPException as exc:
+            # The job is queued and will post its result in the channel anyway.
+            log.warning("job %s: queue card not sent: %s %s", record.id, exc.status, exc.text)
+            return
+        await self.services.delivery.set_status_message(record.id, message_id)
+        log.info("job %s queued: %s by %s cost %.2f", record.id, job.kind, interaction.user.id, record.cost)
+
+    async def _admit(
+        self,
+        interaction: discord.Interaction,
+        job: Job,
+        params: dict[str, Any],
+        *,
+        input_png: bytes | None,
+        input_size: tuple[int, int] | None,
+    ) -> tuple[JobRecord, str]:
+        """Every check, the price, the quota reservation and the job row; returns the queued
+        record and its queue card text. Raises Refused (nothing charged) instead."""
         services = self.services
         guild_id, user = interaction.guild_id, interaction.user
         if not self.bot.accepting:
@@ -314,19 +340,7 @@ class JobRequests:
         text = queue_card(card)
         if services.scheduler.paused:
             text += "\nThe queue is paused by the moderators: your job will start when they resume it."
-        services.delivery.track(record)
-        try:
-            response = await interaction.response.send_message(text, view=progress_view(job_id))
-        except discord.HTTPException as exc:
-            # The job is queued and will post its result in the channel anyway.
-            log.warning("job %s: queue card not sent: %s %s", job_id, exc.status, exc.text)
-            return
-        message_id = response.message_id
-        if message_id is None:
-            message = await interaction.original_response()
-            message_id = message.id
-        await services.delivery.set_status_message(job_id, message_id)
-        log.info("job %s queued: %s by %s cost %.2f", job_id, job.kind, user.id, cost)
+        return record, text
 
     async def _remaining(self, interaction: discord.Interaction) -> float | None:
         status = await self.services.quotas.status(interaction.guild_id, interaction.user.id, role_ids(interaction))
@@ -361,9 +375,7 @@ class JobRequests:
         if data is None and image.get("url"):
             # The file was pruned: the image is still on Discord.
             try:
-                data = await asyncio.wait_for(
-                    self.bot.http.get_from_cdn(image["url"]), ATTACHMENT_FETCH_SECONDS
-                )
+                data = await asyncio.wait_for(self.bot.http.get_from_cdn(image["url"]), ATTACHMENT_FETCH_SECONDS)
             except (TimeoutError, discord.HTTPException):
                 data = None
         if data is None:
@@ -439,18 +451,19 @@ class JobRequests:
         await self._guarded_click(interaction, run)
 
     async def _guarded_click(self, interaction: discord.Interaction, run: Any) -> None:
+        answer = first_response(interaction)
         try:
             await run()
         except (Refused, ValidationFailed, QueueFull) as exc:
             await self._say(interaction, str(exc))
+        finally:
+            answer.stop()
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None:
         record = await self.services.jobs.get(job_id)
         owner = record.owner_id if record else None
         if interaction.user.id != owner and not await is_moderator(interaction):
-            await self._say(
-                interaction, "Only the person who asked for this image or a moderator can delete it."
-            )
+            await self._say(interaction, "Only the person who asked for this image or a moderator can delete it.")
             return
         try:
             await interaction.response.defer(ephemeral=True)
@@ -465,15 +478,11 @@ class JobRequests:
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         await self.cancel_command(interaction, job_id, as_moderator=False)
 
-    async def cancel_command(
-        self, interaction: discord.Interaction, job_text: str, *, as_moderator: bool
-    ) -> None:
+    async def cancel_command(self, interaction: discord.Interaction, job_text: str, *, as_moderator: bool) -> None:
         job_id = normalize_job_id(job_text)
         record = await self.services.jobs.get(job_id) if job_id else None
         if record is None:
-            await self._say(
-                interaction, f"There is no job `{job_text[:40]}`. Your jobs are listed by `/queue`."
-            )
+            await self._say(interaction, f"There is no job `{job_text[:40]}`. Your jobs are listed by `/queue`.")
             return
         allowed = record.owner_id == interaction.user.id or (
             await is_moderator(interaction) and (as_moderator or record.guild_id == interaction.guild_id)
@@ -489,9 +498,7 @@ class JobRequests:
         if await self.services.scheduler.cancel(record.id):
             by_mod = record.owner_id != interaction.user.id
             self.services.delivery.note_cancel_by_moderator(record.id, by_mod)
-            await self._say(
-                interaction, f"Cancelling job `{record.id}`; its {units(record.cost)} units are refunded."
-            )
+            await self._say(interaction, f"Cancelling job `{record.id}`; its {units(record.cost)} units are refunded.")
         else:
             await self._say(interaction, f"Job `{record.id}` is finishing and can no longer be cancelled.")
 
@@ -513,9 +520,7 @@ class JobRequests:
             await self._say(interaction, "That job belongs to another server.")
             return
         if record.status != "done":
-            await self._say(
-                interaction, f"Job `{record.id}` is {record.status}; only finished jobs can be posted."
-            )
+            await self._say(interaction, f"Job `{record.id}` is {record.status}; only finished jobs can be posted.")
             return
         await interaction.response.defer()
         try:
@@ -545,16 +550,12 @@ class JobRequests:
         if not views:
             await self._say(interaction, f"The queue is empty{paused}.")
             return
-        lines = [f"{len(views)} job(s){paused}:"] + [
-            f"{_queue_line(v)} · <@{v.owner_id}>" for v in views[:30]
-        ]
+        lines = [f"{len(views)} job(s){paused}:"] + [f"{_queue_line(v)} · <@{v.owner_id}>" for v in views[:30]]
         if len(views) > 30:
             lines.append(f"… and {len(views) - 30} more")
         await self._say(interaction, "\n".join(lines), allowed_mentions=discord.AllowedMentions.none())
 
-    async def own_job_choices(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
+    async def own_job_choices(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         views = self.services.scheduler.queued_for(interaction.user.id)
         return _job_choices(views, current)
 
@@ -636,8 +637,6 @@ def _job_choices(views: list[Any], current: str) -> list[app_commands.Choice[str
         if needle and needle not in view.job_id:
             continue
         prompt = str(view.record.params.get("prompt", ""))[:60]
-        label = (
-            f"{view.job_id} · {KIND_NAMES.get(view.record.kind, view.record.kind)} · {view.status} · {prompt}"
-        )
+        label = f"{view.job_id} · {KIND_NAMES.get(view.record.kind, view.record.kind)} · {view.status} · {prompt}"
         choices.append(app_commands.Choice(name=label[:100], value=view.job_id))
     return choices[:25]

@@ -1,0 +1,87 @@
+"""The first response to a command or click, guaranteed within Discord's 3 s.
+
+A request answers itself as soon as it knows the outcome (a public queue card or an ephemeral
+refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
+the interaction (ephemeral "thinking…") 2 s after it was created; the request then finishes in
+that deferred message: a refusal replaces it, and an accepted job's public queue card is posted in
+the channel with the bot token (which also keeps working after the 15-minute interaction token)
+while the deferred message points to it. A lock makes the timer and the request never both
+answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import discord
+
+log = logging.getLogger(__name__)
+
+DEFER_AFTER_SECONDS = 2.0
+
+
+class FirstResponse:
+    def __init__(self, interaction: discord.Interaction, *, defer_after: float = DEFER_AFTER_SECONDS) -> None:
+        self.interaction = interaction
+        self.deferred = False
+        self._lock = asyncio.Lock()
+        age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, defer_after - age), self._fire)
+        self._task: asyncio.Task[None] | None = None
+
+    def _fire(self) -> None:
+        self._task = asyncio.create_task(self._defer(), name=f"defer-{self.interaction.id}")
+
+    async def _defer(self) -> None:
+        async with self._lock:
+            if self.interaction.response.is_done():
+                return
+            try:
+                await self.interaction.response.defer(ephemeral=True, thinking=True)
+                self.deferred = True
+                log.info(
+                    "interaction %s deferred: the request took over %.1f s", self.interaction.id, DEFER_AFTER_SECONDS
+                )
+            except discord.HTTPException as exc:
+                log.warning("interaction %s: deferral failed: %s %s", self.interaction.id, exc.status, exc.text)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    async def ephemeral(self, text: str, **kwargs: Any) -> None:
+        """An ephemeral answer (a refusal, a status): replaces the deferral when there was one."""
+        self.stop()
+        async with self._lock:
+            if self.deferred:
+                await self.interaction.edit_original_response(content=text, **kwargs)
+            elif self.interaction.response.is_done():
+                await self.interaction.followup.send(text, ephemeral=True, **kwargs)
+            else:
+                await self.interaction.response.send_message(text, ephemeral=True, **kwargs)
+
+    async def public_card(self, text: str, view: discord.ui.View) -> int:
+        """The public queue card; returns its message id (the job's status message)."""
+        self.stop()
+        async with self._lock:
+            if not self.deferred:
+                response = await self.interaction.response.send_message(text, view=view)
+                if response.message_id is not None:
+                    return response.message_id
+                return (await self.interaction.original_response()).id
+            channel = self.interaction.channel
+            if channel is None or not hasattr(channel, "send"):
+                channel = self.interaction.client.get_partial_messageable(self.interaction.channel_id or 0)
+            message = await channel.send(text, view=view)  # type: ignore[union-attr]
+            await self.interaction.edit_original_response(content=f"Your job is queued: {message.jump_url}")
+            return message.id
+
+
+def first_response(interaction: discord.Interaction) -> FirstResponse:
+    """The FirstResponse of this interaction, created on first use (kept in `interaction.extras`)."""
+    answer = interaction.extras.get("first_response")
+    if answer is None:
+        answer = interaction.extras["first_response"] = FirstResponse(interaction)
+    return answer

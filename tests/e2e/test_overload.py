@@ -1,0 +1,70 @@
+"""The 3 s guarantee when the request path itself is slow (a burst, a slow disk): the interaction
+is deferred in time, and the request then finishes in that deferred message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bot.harness import JOB_IN_TEXT, Studio
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
+
+DEFERRED_CHANNEL_MESSAGE = 5
+
+
+@pytest.fixture
+def slow_enqueue(studio: Studio) -> Iterator[None]:
+    """Every job admission takes 2.6 s, longer than the bot may wait before answering."""
+    jobs = studio.bot.services.jobs
+    real = jobs.enqueue
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(2.6)
+        return await real(*args, **kwargs)
+
+    jobs.enqueue = slow  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        jobs.enqueue = real  # type: ignore[method-assign]
+
+
+async def test_a_slow_accepted_request_is_deferred_in_time_then_posts_its_public_card(
+    studio: Studio, slow_enqueue: None
+) -> None:
+    member = studio.new_member("late")
+    inter = await studio.sb.slash(member, studio.channel, "generate", {"prompt": "a lighthouse"})
+    first = await inter.wait_response(3.0)
+    assert first.type == DEFERRED_CHANNEL_MESSAGE and first.ephemeral
+    assert inter.response_latency is not None and inter.response_latency < 3.0
+
+    await inter.wait_original(lambda m: "Your job is queued" in m.content, timeout=10)
+    link = inter.original.content
+    public = [
+        m
+        for m in studio.sb.channel_messages(studio.channel, include_ephemeral=False)
+        if m.content.startswith("Queued") and str(m.id) in link
+    ]
+    assert len(public) == 1, link
+    job_id = JOB_IN_TEXT.search(public[0].content)[1]
+    result = await studio.result_of(job_id)
+    assert result.attachments
+    record = await studio.bot.services.jobs.get(job_id)
+    assert record is not None and record.status == "done" and record.owner_id == member.id
+
+
+async def test_a_slow_refusal_replaces_the_deferral_and_stays_ephemeral(studio: Studio, slow_enqueue: None) -> None:
+    member = studio.new_member("broke")
+    await studio.bot.services.quotas.set_user_limit(studio.guild.id, member.id, 0.001)
+    inter = await studio.sb.slash(member, studio.channel, "generate", {"prompt": "too big", "count": 4})
+    first = await inter.wait_response(3.0)
+    assert first.type == DEFERRED_CHANNEL_MESSAGE and first.ephemeral
+    await inter.wait_original(lambda m: m.content.startswith("Not enough quota"), timeout=10)
+    assert inter.original.ephemeral
+    status = await studio.bot.services.quotas.status(studio.guild.id, member.id)
+    assert status.used == 0
+    assert await studio.bot.services.jobs.list_for_user(studio.guild.id, member.id) == []
