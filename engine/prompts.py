@@ -174,7 +174,7 @@ def _encode_texts(compel: Compel, texts: list[str]) -> tuple[torch.Tensor, torch
     """`compel(texts)`: each text encoded alone, padded to one length, stacked."""
     outputs = [_encode_text(compel, text) for text in texts]
     embeds = torch.cat(compel.pad_conditioning_tensors_to_same_length([e for e, _ in outputs]))
-    pooled = torch.cat([p for _, p in outputs]) if compel.requires_pooled else None  # type: ignore[misc]
+    pooled = torch.cat([p for _, p in outputs if p is not None]) if compel.requires_pooled else None
     return embeds, pooled
 
 
