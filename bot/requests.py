@@ -64,17 +64,9 @@ def _random_seed() -> int:
 
 def build_engine_job(record: JobRecord, inputs_dir: Path) -> Job:
     """The engine job for a stored record (the scheduler's job_factory)."""
-    params = dict(record.params)
-    input_name = params.pop("input", None)
-    params.pop("input_size", None)
-    params.pop("aspect", None)
-    params.pop("parent", None)
-    cls = JOB_KINDS[record.kind]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {key: value for key, value in params.items() if key in fields}
-    if input_name is not None:
-        kwargs["image"] = (inputs_dir / input_name).read_bytes()
-    return cls(job_id=record.id, **kwargs)
+    input_name = record.params.get("input")
+    image = (inputs_dir / input_name).read_bytes() if input_name else None
+    return _job_from_params(JOB_KINDS[record.kind], record.params, image, job_id=record.id)
 
 
 class JobRequests:
@@ -600,12 +592,13 @@ def _strip(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in ("input", "input_size")}
 
 
-def _job_from_params(cls: type, params: dict[str, Any], image: bytes | None) -> Job:
+def _job_from_params(cls: type, params: dict[str, Any], image: bytes | None, job_id: str = "pending") -> Job:
+    """A job spec from stored parameters; bookkeeping keys (input, aspect, parent…) are not fields."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in params.items() if k in fields and k not in ("job_id", "image")}
     if image is not None:
         kwargs["image"] = image
-    return cls(job_id="pending", **kwargs)
+    return cls(job_id=job_id, **kwargs)
 
 
 def _quota_refusal(refusal: Refusal, cost: float) -> str:

@@ -23,9 +23,9 @@ is missed by subscribing late.
 
 Caps: ``per_user_cap`` counts a user's queued *and* running jobs; ``global_cap`` counts queued jobs.
 
-Batching: ``QueueSettings.batching`` is accepted but not acted on yet (TODO): the engine protocol
-submits one ``Job`` at a time and ``engine.spec`` has no batch job to merge same-shape jobs into.
-``FairQueue.pop_batch`` already implements the fair choice of jobs for when it does.
+Batching of several members' same-shape jobs into one engine call is not offered: the engine
+protocol submits one ``Job`` at a time (a job's own ``count`` images are batched by the engine).
+``FairQueue.pop_batch`` implements the fair choice of such jobs for when the engine takes them.
 """
 
 from __future__ import annotations
@@ -307,8 +307,6 @@ class Scheduler(Generic[R]):
         every queued job in creation order, then start dispatching."""
         if self._loop_task is not None or self._stopping:
             raise RuntimeError("the scheduler was already started")
-        if self._settings.batching:
-            log.info("queue.batching is set; batched dispatch is not implemented yet, jobs run one by one")
         recovery = await self._store.recover_detailed(self._settings.max_attempts)
         for record in recovery.failed:
             self._emit(_terminal_event(record))

@@ -180,7 +180,6 @@ class QueueSettings(Section):
     per_user_cap: int = Field(3, ge=1)
     global_cap: int = Field(100, ge=1)
     max_attempts: int = Field(3, ge=1)
-    batching: bool = False
     aging_seconds: float = Field(300.0, gt=0)
 
 
