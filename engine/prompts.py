@@ -21,7 +21,7 @@ Speed (the result is bit-identical to `compel.CompelForSDXL`, tests/engine/test_
   embeddings provider as the one weight-1.0 fragment the parser would have produced.
 - Each text is encoded once per (tokenizer, text encoder) and kept in a small LRU
   (`PROMPT_CACHE_SIZE` texts per encoder): rerolls, variations and a recurring negative skip
-  the encoders, and the refiner reuses what the base's copy of the shared second encoder made.
+  the encoders, and the refiner, which shares the base's second encoder, reuses its results.
 """
 
 from __future__ import annotations
