@@ -157,10 +157,17 @@ class Delivery:
         record = tracked.record
         kwargs: dict[str, Any] = {}
         if isinstance(event, Queued):
-            remaining = None
             kwargs["content"] = queue_card(
-                QueueCard(record.id, record.kind, max(1, event.position), event.eta, record.cost, remaining)
-            ).replace(" · unlimited", "")
+                QueueCard(
+                    record.id,
+                    record.kind,
+                    max(1, event.position),
+                    event.eta,
+                    record.cost,
+                    remaining=None,
+                    show_remaining=False,
+                )
+            )
         elif isinstance(event, Started):
             kwargs["content"] = starting_text(record.id, record.kind)
         elif isinstance(event, ProgressEvent):
@@ -235,9 +242,7 @@ class Delivery:
                 "bytes": len(image.data),
             }
             try:
-                entry["path"] = str(
-                    await asyncio.to_thread(self.services.outputs.save, record.id, index, image)
-                )
+                entry["path"] = str(await asyncio.to_thread(self.services.outputs.save, record.id, index, image))
             except StorageError as exc:
                 log.error("job %s: %s", record.id, exc)
             stored.append(entry)
@@ -289,9 +294,7 @@ class Delivery:
                 break
             except discord.HTTPException as exc:
                 self.services.metrics.discord_error(exc.status)
-                log.warning(
-                    "job %s: posting failed (attempt %d): %s %s", record.id, attempt, exc.status, exc.text
-                )
+                log.warning("job %s: posting failed (attempt %d): %s %s", record.id, attempt, exc.status, exc.text)
                 if exc.status < 500 and exc.status != 429:
                     break
                 await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
@@ -365,9 +368,7 @@ class Delivery:
         files, withheld, spoilered = [], 0, 0
         for index, image in enumerate(images):
             verdict = await self.services.safety.check(image.data)
-            decision = decide(
-                verdict, channel_age_restricted=age_restricted, settings=self.services.settings.safety
-            )
+            decision = decide(verdict, channel_age_restricted=age_restricted, settings=self.services.settings.safety)
             if decision is Decision.WITHHOLD:
                 withheld += 1
                 log.info("job %s: image %d withheld (%s)", record.id, index + 1, ", ".join(verdict.labels))
@@ -383,9 +384,7 @@ class Delivery:
             )
         notes = []
         if withheld:
-            notes.append(
-                f"{withheld} image(s) withheld: flagged as explicit, and this channel is not age-restricted."
-            )
+            notes.append(f"{withheld} image(s) withheld: flagged as explicit, and this channel is not age-restricted.")
         if spoilered:
             notes.append(f"{spoilered} image(s) flagged as explicit are hidden behind a spoiler.")
         return files, " ".join(notes)

@@ -73,6 +73,7 @@ class QueueCard:
     eta_seconds: float | None
     cost: float
     remaining: float | None  # None: unlimited
+    show_remaining: bool = True  # status edits after the first card do not re-read the quota
 
 
 def queue_card(card: QueueCard) -> str:
@@ -80,10 +81,12 @@ def queue_card(card: QueueCard) -> str:
     # Contract: the card shows the position, also when it is the first.
     where = "position 1 (next in line)" if card.position <= 1 else f"position {card.position}"
     eta = f" · ETA ~{duration(card.eta_seconds)}" if card.eta_seconds is not None else ""
-    left = "unlimited" if card.remaining is None else f"{units(card.remaining)} units left"
+    left = ""
+    if card.show_remaining:
+        left = " · unlimited" if card.remaining is None else f" · {units(card.remaining)} units left"
     return (
         f"Queued · {where}{eta}\n"
-        f"{KIND_NAMES.get(card.kind, card.kind)} · Job `{card.job_id}` · Cost {units(card.cost)} units · {left}"
+        f"{KIND_NAMES.get(card.kind, card.kind)} · Job `{card.job_id}` · Cost {units(card.cost)} units{left}"
     )
 
 

@@ -226,45 +226,30 @@ class QuotaStore:
     ) -> None:
         """Override one user's limit; None removes the override."""
         _check_limit(limit)
-        g = _guild(guild_id)
-        async with self.db.session() as s:
-            row = await s.get(QuotaUserOverride, (g, user_id))
-            if limit is None:
-                if row is not None:
-                    await s.delete(row)
-            elif row is None:
-                s.add(
-                    QuotaUserOverride(
-                        guild_id=g,
-                        user_id=user_id,
-                        limit_units=limit,
-                        set_by=actor_id,
-                        updated_at=self.clock(),
-                    )
-                )
-            else:
-                row.limit_units, row.set_by, row.updated_at = limit, actor_id, self.clock()
+        await self._store_limit(QuotaUserOverride, {"guild_id": _guild(guild_id), "user_id": user_id}, limit, actor_id)
 
     async def set_role_limit(
         self, guild_id: int, role_id: int, limit: float | None, *, actor_id: int | None = None
     ) -> None:
         """Set the limit for members of a role; None removes it."""
         _check_limit(limit)
+        await self._store_limit(QuotaRoleLimit, {"guild_id": guild_id, "role_id": role_id}, limit, actor_id)
+
+    async def _store_limit(
+        self,
+        model: type[QuotaUserOverride] | type[QuotaRoleLimit],
+        key: dict[str, int],
+        limit: float | None,
+        actor_id: int | None,
+    ) -> None:
+        """Insert, update or (limit None) delete one limit row identified by its primary key."""
         async with self.db.session() as s:
-            row = await s.get(QuotaRoleLimit, (guild_id, role_id))
+            row = await s.get(model, tuple(key.values()))
             if limit is None:
                 if row is not None:
                     await s.delete(row)
             elif row is None:
-                s.add(
-                    QuotaRoleLimit(
-                        guild_id=guild_id,
-                        role_id=role_id,
-                        limit_units=limit,
-                        set_by=actor_id,
-                        updated_at=self.clock(),
-                    )
-                )
+                s.add(model(**key, limit_units=limit, set_by=actor_id, updated_at=self.clock()))
             else:
                 row.limit_units, row.set_by, row.updated_at = limit, actor_id, self.clock()
 

@@ -120,19 +120,25 @@ def _float(value: Any, field: str) -> float:
     return value
 
 
+def _in_range(field: str, value: float, bounds: tuple[float, float]) -> None:
+    """Refuse `value` outside `bounds` (inclusive); floats are shown with :g, ints as they are."""
+    low, high = bounds
+    if not low <= value <= high:
+        shown = (lambda x: f"{x:g}") if isinstance(value, float) else str
+        raise ValidationFailed(
+            field, f"{field} must be between {shown(low)} and {shown(high)} (you gave {shown(value)})."
+        )
+
+
 def check_steps(steps: Any) -> int:
     steps = _int(steps, "steps")
-    low, high = STEPS_RANGE
-    if not low <= steps <= high:
-        raise ValidationFailed("steps", f"steps must be between {low} and {high} (you gave {steps}).")
+    _in_range("steps", steps, STEPS_RANGE)
     return steps
 
 
 def check_cfg(cfg: Any) -> float:
     cfg = _float(cfg, "cfg")
-    low, high = CFG_RANGE
-    if not low <= cfg <= high:
-        raise ValidationFailed("cfg", f"cfg must be between {low:g} and {high:g} (you gave {cfg:g}).")
+    _in_range("cfg", cfg, CFG_RANGE)
     return cfg
 
 
@@ -151,17 +157,13 @@ def check_sampler(sampler: Any) -> str:
 
 def check_count(count: Any) -> int:
     count = _int(count, "count")
-    low, high = COUNT_RANGE
-    if not low <= count <= high:
-        raise ValidationFailed("count", f"count must be between {low} and {high} (you gave {count}).")
+    _in_range("count", count, COUNT_RANGE)
     return count
 
 
 def check_strength(strength: Any) -> float:
     strength = _float(strength, "strength")
-    low, high = STRENGTH_RANGE
-    if not low <= strength <= high:
-        raise ValidationFailed("strength", f"strength must be between {low:g} and {high:g} (you gave {strength:g}).")
+    _in_range("strength", strength, STRENGTH_RANGE)
     return strength
 
 
