@@ -20,17 +20,33 @@ import discord
 log = logging.getLogger(__name__)
 
 DEFER_AFTER_SECONDS = 2.0
+# Under a burst, answering each request in full would make the later ones wait for all the
+# earlier ones: when this many requests are already unanswered, or the interaction already
+# waited this long to reach us, it is deferred at once and finishes in its deferred message.
+BACKLOG_REQUESTS = 4
+BACKLOG_AGE_SECONDS = 0.2
 
 
 class FirstResponse:
+    unanswered = 0  # requests of this process without a first response yet
+
     def __init__(self, interaction: discord.Interaction, *, defer_after: float = DEFER_AFTER_SECONDS) -> None:
         self.interaction = interaction
         self.deferred = False
         self._lock = asyncio.Lock()
         age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+        if FirstResponse.unanswered >= BACKLOG_REQUESTS or age >= BACKLOG_AGE_SECONDS:
+            defer_after = 0.0
+        FirstResponse.unanswered += 1
+        self._counted = True
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, defer_after - age), self._fire)
         self._task: asyncio.Task[None] | None = None
+
+    def _answered(self) -> None:
+        if self._counted:
+            self._counted = False
+            FirstResponse.unanswered -= 1
 
     def _fire(self) -> None:
         self._task = asyncio.create_task(self._defer(), name=f"defer-{self.interaction.id}")
@@ -42,6 +58,7 @@ class FirstResponse:
             try:
                 await self.interaction.response.defer(ephemeral=True, thinking=True)
                 self.deferred = True
+                self._answered()
                 log.info(
                     "interaction %s deferred: the request took over %.1f s", self.interaction.id, DEFER_AFTER_SECONDS
                 )
@@ -50,6 +67,7 @@ class FirstResponse:
 
     def stop(self) -> None:
         self._timer.cancel()
+        self._answered()
 
     async def ephemeral(self, text: str, **kwargs: Any) -> None:
         """An ephemeral answer (a refusal, a status): replaces the deferral when there was one."""

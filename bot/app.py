@@ -19,7 +19,8 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.views import DYNAMIC_ITEMS
+from bot.metrics import Metrics
+from bot.views import DYNAMIC_ITEMS, answer_unknown_button
 from config.settings import Settings
 from engine.spec import EngineClient, EngineHealth, Job, Progress, Result
 
@@ -47,8 +48,16 @@ class StartingEngine:
 
     def __init__(self, inner: EngineClient) -> None:
         self.inner = inner
-        self.slots = inner.slots
         self._started: asyncio.Task[None] | None = None
+
+    @property
+    def slots(self) -> int:
+        # Read through: a distributed engine's slots follow its live replicas.
+        return self.inner.slots
+
+    @property
+    def prefetch(self) -> int:
+        return int(getattr(self.inner, "prefetch", 0))
 
     async def start(self) -> None:
         if self._started is None:
@@ -120,9 +129,51 @@ def error_text(error: app_commands.AppCommandError) -> str | None:
     return None
 
 
+# Option type → the JSON types Discord sends for it (snowflakes arrive as strings).
+_OPTION_VALUE_TYPES: dict[int, tuple[type, ...]] = {3: (str,), 4: (int,), 5: (bool,), 10: (int, float)}
+
+
+def mistyped_option(options: list[Any]) -> str | None:
+    """The name of the first option (in sub-commands too) whose value has the wrong JSON type."""
+    for option in options:
+        if not isinstance(option, dict):
+            return "?"
+        kind, value = option.get("type"), option.get("value")
+        if kind in (1, 2):
+            found = mistyped_option(option.get("options") or [])
+            if found is not None:
+                return found
+            continue
+        expected = _OPTION_VALUE_TYPES.get(kind)  # type: ignore[arg-type]
+        if expected is None or "value" not in option:
+            continue
+        if isinstance(value, bool) and bool not in expected:  # bool is an int in Python, not in JSON
+            return str(option.get("name"))
+        if not isinstance(value, expected):
+            return str(option.get("name"))
+    return None
+
+
 class AtelierTree(app_commands.CommandTree):
     """Every app-command error gets an ephemeral answer, so nothing ends in Discord's
     "The application did not respond"; unexpected ones are logged with the interaction id."""
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        # Discord sends every option value with its declared type; a payload that does not (a
+        # modified client, another compatible server) is refused here, not deep inside a command.
+        if interaction.type is not discord.InteractionType.application_command:
+            return True
+        name = mistyped_option((interaction.data or {}).get("options") or [])
+        if name is None:
+            return True
+        try:
+            await interaction.response.send_message(
+                f"The value given for `{name[:40]}` is not of the kind this option takes. Pick it again in Discord.",
+                ephemeral=True,
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)
+        return False
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
         text = error_text(error)
@@ -162,6 +213,8 @@ class AtelierBot(commands.Bot):
         intents = discord.Intents.none()
         intents.guilds = True
         options.setdefault("guild_ready_timeout", 1.0)
+        metrics = Metrics()
+        options.setdefault("http_trace", metrics.discord_trace())
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
@@ -170,8 +223,18 @@ class AtelierBot(commands.Bot):
             **options,
         )
         self.settings = settings
+        self.metrics = metrics
         self._engine_factory = engine_factory
         self.accepting = True
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        # For the first-response metric, which only sees the callback URL (see Metrics.discord_trace).
+        kinds = {
+            discord.InteractionType.application_command: "command",
+            discord.InteractionType.component: "component",
+            discord.InteractionType.autocomplete: "autocomplete",
+        }
+        self.metrics.note_interaction(interaction.id, kinds.get(interaction.type, "other"))
 
     async def setup_hook(self) -> None:
         from bot.services import build_services
@@ -179,6 +242,7 @@ class AtelierBot(commands.Bot):
         self.services = await build_services(self, self.settings, self._engine_factory)
         self.requests = self.services.requests
         self.add_dynamic_items(*DYNAMIC_ITEMS)
+        self.add_listener(answer_unknown_button, "on_interaction")
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
@@ -210,12 +274,27 @@ class AtelierBot(commands.Bot):
         await self.close()
 
 
+class ShardedAtelierBot(AtelierBot, commands.AutoShardedBot):
+    """The same bot over one or more gateway shards of ``[discord] shard_count`` in this process
+    (``shard_ids``, default all). Several such processes share work through ``[database] shared``."""
+
+
+def make_bot(settings: Settings, **options: Any) -> AtelierBot:
+    """A plain bot (one gateway connection, no sharding) unless ``[discord] shard_count`` is set."""
+    discord_settings = settings.discord
+    if discord_settings.shard_count:
+        options.setdefault("shard_count", discord_settings.shard_count)
+        options.setdefault("shard_ids", list(discord_settings.shard_ids) or None)
+        return ShardedAtelierBot(settings, **options)
+    return AtelierBot(settings, **options)
+
+
 def run_bot(settings: Settings, token: str) -> int:
     """`atelier run`: connect to Discord (or a compatible server) until SIGTERM/SIGINT."""
     point_discord_at(settings.discord.api_base, settings.discord.gateway)
 
     async def main() -> None:
-        bot = AtelierBot(settings)
+        bot = make_bot(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.create_task(bot.shutdown()))

@@ -1,4 +1,4 @@
-"""The `atelier` console script: run, demo, tiny-model PATH, models check, db upgrade.
+"""The `atelier` console script: run, demo, tiny-model PATH, models check, db upgrade, engine serve.
 
 Configuration and token problems are reported as exactly one line on stderr with exit code 2,
 before logging is configured, so an operator never has to read a traceback to fix a typo.
@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database tools")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="create or upgrade the database schema")
+    engine = sub.add_parser("engine", help="engine tools")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    serve = engine_sub.add_parser(
+        "serve", help='deploy (or update) the engine replicas on a Ray cluster for [engine] backend = "ray"'
+    )
+    serve.add_argument("--address", default="", help="Ray cluster address (default: engine.ray_address, else auto)")
+    serve.add_argument("--replicas", type=int, default=0, help="replicas, one per GPU (default: engine.ray_replicas)")
     return parser
 
 
@@ -74,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(upgrade(settings.database.url))
         print(f"database schema is up to date ({_safe_url(settings.database.url)})")
         return 0
+    if args.command == "engine":
+        return _engine_serve(settings, address=args.address, replicas=args.replicas)
     return _fail(f"unknown command {args.command}")
 
 
@@ -95,6 +104,40 @@ def _models_check(settings: Settings) -> int:
             failed += 1
             print(f"FAILED {check.name:<20} {check.detail}")
     return 1 if failed else 0
+
+
+def _engine_serve(settings: Settings, *, address: str, replicas: int) -> int:
+    """`atelier engine serve`: deploy the Serve application on a running Ray cluster and return
+    once its replicas have loaded the models; the application keeps running in the cluster."""
+    try:
+        import ray
+    except ImportError:
+        return _fail("engine serve needs Ray: pip install '.[ray]'")
+    from engine.ray_serve import deploy, replica_states
+
+    if replicas < 0:
+        return _fail("--replicas must be at least 1")
+    if replicas:
+        engine = settings.engine.model_copy(update={"ray_replicas": replicas})
+        settings = settings.model_copy(update={"engine": engine})
+    # A private Ray would die with this command: serve needs a cluster (`ray start --head`).
+    address = address or settings.engine.ray_address or "auto"
+    app = settings.engine.ray_app
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except Exception as exc:  # no cluster there (ConnectionError), or a version mismatch
+            return _fail(f"cannot join the Ray cluster at {address!r}: {exc} (start one with `ray start --head`)")
+    print(f"deploying {settings.engine.ray_replicas} engine replica(s) as Serve application {app!r}...", flush=True)
+    try:
+        deploy(settings)
+    except Exception as exc:
+        print(f"atelier: the deployment failed: {exc}", file=sys.stderr)
+        return 1
+    status, states = replica_states(app)
+    running = states.get("RUNNING", 0)
+    print(f"engine application {app!r} {status.lower()}: {running}/{settings.engine.ray_replicas} replicas running")
+    return 0
 
 
 def _safe_url(url: str) -> str:

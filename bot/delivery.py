@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EDIT_INTERVAL = 2.0
 POST_ATTEMPTS = 4
+CARD_BATCH_SECONDS = 0.02  # how long a queue card's id waits for others to share its write
 TERMINAL = (Done, Failed, Cancelled)
 
 
@@ -66,6 +67,8 @@ class Delivery:
         self._jobs: dict[str, Tracked] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._posting: set[str] = set()
+        self._unsaved_cards: dict[str, int] = {}
+        self._cards_saved: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ tracking
     def track(self, record: JobRecord) -> Tracked:
@@ -82,7 +85,21 @@ class Delivery:
             tracked.status_message_id = message_id
             tracked.last_edit = time.monotonic()  # the queue card itself was the last "edit"
             tracked.changed.set()
-        await self.services.jobs.set_messages(job_id, status_message_id=message_id)
+        await self._save_card(job_id, message_id)
+
+    async def _save_card(self, job_id: str, message_id: int) -> None:
+        """Persist a queue card's id. The cards of a burst are written together in one
+        transaction (group commit) instead of one write each; every caller still returns only
+        once its id is stored."""
+        self._unsaved_cards[job_id] = message_id
+        if self._cards_saved is None:
+            self._cards_saved = asyncio.ensure_future(self._write_cards())
+        await asyncio.shield(self._cards_saved)
+
+    async def _write_cards(self) -> None:
+        await asyncio.sleep(CARD_BATCH_SECONDS)
+        batch, self._unsaved_cards, self._cards_saved = self._unsaved_cards, {}, None
+        await self.services.jobs.set_status_messages(batch)
 
     def note_cancel_by_moderator(self, job_id: str, by_moderator: bool) -> None:
         tracked = self._jobs.get(job_id)
@@ -99,6 +116,10 @@ class Delivery:
             tracked = self.track(record)
         if isinstance(event, Started):
             tracked.started = time.monotonic()
+        if isinstance(event, ProgressEvent) and (event.progress.step == 0 or event.progress.phase == "encode"):
+            if event.progress.step == 0:
+                tracked.started = time.monotonic()  # a prefetched job waited in the engine until now
+            return  # the engine's bookkeeping (started / computed): the card keeps the last step
         if tracked.latest is not None and isinstance(tracked.latest, TERMINAL):
             return
         tracked.latest = event
@@ -149,7 +170,7 @@ class Delivery:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("job %s: status updates stopped", job_id)
+            log.exception("job=%s status updates stopped", job_id)
         finally:
             self._jobs.pop(job_id, None)
 
@@ -192,7 +213,7 @@ class Delivery:
             return True
         verdict = await self.services.safety.check(preview)
         if verdict.explicit:
-            log.info("job %s: preview withheld (%s)", record.id, ", ".join(verdict.labels) or verdict.error)
+            log.info("job=%s preview withheld (%s)", record.id, ", ".join(verdict.labels) or verdict.error)
         return not verdict.explicit
 
     async def _edit(self, record: JobRecord, message_id: int | None, **kwargs: Any) -> bool:
@@ -203,10 +224,9 @@ class Delivery:
             await message.edit(**kwargs)
             return True
         except discord.NotFound:
-            log.info("job %s: status message %s is gone", record.id, message_id)
+            log.info("job=%s status message %s is gone", record.id, message_id)
         except discord.HTTPException as exc:
-            self.services.metrics.discord_error(exc.status)
-            log.warning("job %s: status edit failed: %s %s", record.id, exc.status, exc.text)
+            log.warning("job=%s status edit failed: %s %s", record.id, exc.status, exc.text)
         return False
 
     # ------------------------------------------------------------------ endings
@@ -216,7 +236,6 @@ class Delivery:
         if isinstance(event, Done):
             await self.post_result(record, event.result, status_message_id=message_id)
         elif isinstance(event, Failed):
-            self.services.metrics.job_finished("failed")
             await self._edit(
                 record,
                 message_id,
@@ -225,7 +244,6 @@ class Delivery:
                 attachments=[],
             )
         elif isinstance(event, Cancelled):
-            self.services.metrics.job_finished("cancelled")
             text = cancelled_text(record.id, record.cost, tracked.cancelled_by_moderator)
             await self._edit(record, message_id, content=text, view=None, attachments=[])
 
@@ -244,7 +262,7 @@ class Delivery:
             try:
                 entry["path"] = str(await asyncio.to_thread(self.services.outputs.save, record.id, index, image))
             except StorageError as exc:
-                log.error("job %s: %s", record.id, exc)
+                log.error("job=%s %s", record.id, exc)
             stored.append(entry)
         return stored
 
@@ -288,13 +306,11 @@ class Delivery:
                     allowed_mentions=discord.AllowedMentions(users=True, replied_user=False),
                 )
                 break
-            except discord.Forbidden as exc:
-                self.services.metrics.discord_error(exc.status)
-                log.error("job %s: not allowed to post in channel %s", record.id, record.channel_id)
+            except discord.Forbidden:
+                log.error("job=%s not allowed to post in channel %s", record.id, record.channel_id)
                 break
             except discord.HTTPException as exc:
-                self.services.metrics.discord_error(exc.status)
-                log.warning("job %s: posting failed (attempt %d): %s %s", record.id, attempt, exc.status, exc.text)
+                log.warning("job=%s posting failed (attempt %d): %s %s", record.id, attempt, exc.status, exc.text)
                 if exc.status < 500 and exc.status != 429:
                     break
                 await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
@@ -307,7 +323,7 @@ class Delivery:
                 attachments=[],
             )
             return None
-        self.services.metrics.job_finished("done")
+        log.info("job=%s event=posted message=%s channel=%s", record.id, message.id, record.channel_id)
         await self._remember_post(record, message)
         await self._edit(
             record,
@@ -371,7 +387,7 @@ class Delivery:
             decision = decide(verdict, channel_age_restricted=age_restricted, settings=self.services.settings.safety)
             if decision is Decision.WITHHOLD:
                 withheld += 1
-                log.info("job %s: image %d withheld (%s)", record.id, index + 1, ", ".join(verdict.labels))
+                log.info("job=%s image %d withheld (%s)", record.id, index + 1, ", ".join(verdict.labels))
                 continue
             spoiler = decision is Decision.SPOILER
             spoilered += spoiler
@@ -440,7 +456,7 @@ class Delivery:
                 current = await self.services.jobs.get(record.id)
                 if current is None or current.result_message_id is not None:
                     continue
-                log.info("job %s: posting a result left unposted by the previous run", record.id)
+                log.info("job=%s posting a result left unposted by the previous run", record.id)
                 await self.post_result(record, None, status_message_id=record.status_message_id)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import write_transcript
+from bot.sandbox import Message, write_transcript
 from config.settings import Settings
 from engine.tiny import build_tiny_sdxl
 
@@ -80,25 +80,31 @@ async def play(studio: Studio) -> list[Step]:
     alice, bob, mod = studio.alice, studio.bob, studio.mod
     print("playing the scripted session:")
 
+    async def finished(job_id: str) -> Message:
+        """The result, once its queue card also reads Done (the card is edited after the post)."""
+        result = await studio.result_of(job_id)
+        await studio.status_text(job_id, "Done")
+        return result
+
     async def generate() -> str:
         inter = await studio.command(
             alice, "generate", {"prompt": "a lighthouse on a cliff at dusk, oil painting", "seed": 1234}
         )
-        result = await studio.result_of(job_id_of(inter))
+        result = await finished(job_id_of(inter))
         state["first"] = result
         return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
 
     async def click(user: object, message_key: str, label: str, save_as: str | None = None) -> str:
         inter = await studio.click(user, state[message_key], label)  # type: ignore[arg-type]
         job = job_id_of(inter)
-        result = await studio.result_of(job)
+        result = await finished(job)
         if save_as:
             state[save_as] = result
         return f"posted {len(result.attachments)} image(s), job {job}"
 
     async def grid() -> str:
         inter = await studio.command(bob, "generate", {"prompt": "four tiny robots having tea", "count": 4})
-        result = await studio.result_of(job_id_of(inter))
+        result = await finished(job_id_of(inter))
         state["grid"] = result
         return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
 
@@ -110,7 +116,7 @@ async def play(studio: Studio) -> list[Step]:
             {"prompt": "sharper details", "strength": 0.4},
             attachments=[("sketch.png", image, "image/png")],
         )
-        result = await studio.result_of(job_id_of(inter))
+        result = await finished(job_id_of(inter))
         return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
 
     async def lower_quota() -> str:

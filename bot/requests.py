@@ -251,10 +251,10 @@ class JobRequests:
             message_id = await first_response(interaction).public_card(text, progress_view(record.id))
         except discord.HTTPException as exc:
             # The job is queued and will post its result in the channel anyway.
-            log.warning("job %s: queue card not sent: %s %s", record.id, exc.status, exc.text)
+            log.warning("job=%s queue card not sent: %s %s", record.id, exc.status, exc.text)
             return
         await self.services.delivery.set_status_message(record.id, message_id)
-        log.info("job %s queued: %s by %s cost %.2f", record.id, job.kind, interaction.user.id, record.cost)
+        log.info("job=%s accepted kind=%s user=%s cost=%.2f", record.id, job.kind, interaction.user.id, record.cost)
 
     async def _admit(
         self,
@@ -298,7 +298,7 @@ class JobRequests:
             await asyncio.to_thread(input_path.write_bytes, input_png)
             params = {**params, "input": input_path.name, "input_size": list(input_size or (0, 0))}
         # Quota reservation and the job row are one transaction: no charge without its job.
-        record = await services.jobs.enqueue(
+        admitted = await services.jobs.enqueue(
             services.quotas,
             job_id=job_id,
             kind=job.kind,
@@ -312,11 +312,12 @@ class JobRequests:
             exempt=exempt,
             interaction_id=interaction.id,
         )
-        if isinstance(record, Refusal):
+        if isinstance(admitted, Refusal):
             if input_path is not None:
                 input_path.unlink(missing_ok=True)
-            services.metrics.quota_refused(record.reason)
-            raise Refused(_quota_refusal(record, cost))
+            services.metrics.quota_refused(admitted.reason)
+            raise Refused(_quota_refusal(admitted, cost))
+        record, reservation = admitted
         try:
             position = await services.scheduler.enqueue(record)
         except QueueFull:
@@ -327,16 +328,12 @@ class JobRequests:
             position=max(1, position),
             eta_seconds=services.scheduler.eta(job_id),
             cost=cost,
-            remaining=None if exempt else await self._remaining(interaction),
+            remaining=reservation.remaining,
         )
         text = queue_card(card)
         if services.scheduler.paused:
             text += "\nThe queue is paused by the moderators: your job will start when they resume it."
         return record, text
-
-    async def _remaining(self, interaction: discord.Interaction) -> float | None:
-        status = await self.services.quotas.status(interaction.guild_id, interaction.user.id, role_ids(interaction))
-        return status.remaining
 
     async def _blocked(self, guild_id: int | None, text: str) -> str | None:
         if not text:

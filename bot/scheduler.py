@@ -21,6 +21,17 @@ Events (``subscribe(job_id)``, or every event through ``on_event``): ``Queued(po
 ``Done`` / ``Failed`` / ``Cancelled``. A subscriber first gets the job's current state, so nothing
 is missed by subscribing late.
 
+Slots: a running job holds an engine slot until the engine reports its compute is over (a
+``Progress`` with phase ``"encode"``) or its ``Result`` arrives, so encoding, storing and posting
+one job overlap with the next job's compute. An engine with ``prefetch`` (jobs per slot it may
+hold ahead) gets that many more, chosen by the fair queue like any other: they wait in the
+engine and start the moment the slot frees, with no hand-over gap. At most
+``2 × slots + prefetch × slots`` jobs are in flight, so finishing work never piles up.
+
+Several bot processes (``bot.coordination``): every process keeps the queued jobs in its
+``FairQueue`` (``adopt`` / ``forget`` follow the database), but only the one ``may_dispatch`` lets
+dispatches; the store's ``mark_running`` is then a claim that fails for a job someone else took.
+
 Caps: ``per_user_cap`` counts a user's queued *and* running jobs; ``global_cap`` counts queued jobs.
 
 Batching of several members' same-shape jobs into one engine call is not offered: the engine
@@ -114,7 +125,7 @@ class JobStorePort(Protocol[R_co]):
     ) -> R_co: ...
     async def mark_failed(self, job_id: str, error: str) -> R_co: ...
     async def mark_cancelled(self, job_id: str) -> R_co: ...
-    async def requeue(self, job_id: str, error: str) -> R_co: ...
+    async def requeue(self, job_id: str, error: str, *, attempt_used: bool = True) -> R_co: ...
     async def recover_detailed(self, max_attempts: int = 3) -> RecoveryLike[R_co]: ...
 
 
@@ -231,6 +242,8 @@ class _Running:
         self.cancel_requested = False
         self.cancel_unsent = False  # the engine did not know the job yet: ask again on progress
         self.stop_requeue = False
+        self.holds_slot = True  # until the engine's compute for this job is over
+        self.engine_started = False  # the engine reported progress: it left the engine's own queue
 
     @property
     def job_id(self) -> str:
@@ -270,6 +283,7 @@ class Scheduler(Generic[R]):
         results_kept: int = 16,
         retry_delay: float = 1.0,
         stop_timeout: float = 3.0,
+        may_dispatch: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -294,12 +308,14 @@ class Scheduler(Generic[R]):
         self._subscribers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._listeners: list[Callable[[JobEvent], object]] = []
         self._last_position: dict[str, int] = {}
+        self._positions_due = False
         self._background: set[asyncio.Future[Any]] = set()
         self._wake = asyncio.Event()
         self._paused = False
         self._stopping = False
         self._hold_until = 0.0  # event-loop time before which nothing is dispatched (store trouble)
         self._loop_task: asyncio.Task[None] | None = None
+        self._may_dispatch = may_dispatch
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -308,17 +324,52 @@ class Scheduler(Generic[R]):
         if self._loop_task is not None or self._stopping:
             raise RuntimeError("the scheduler was already started")
         recovery = await self._store.recover_detailed(self._settings.max_attempts)
+        self.absorb(recovery)
+        self._loop_task = asyncio.create_task(self._dispatch_loop(), name="atelier-scheduler")
+
+    def absorb(self, recovery: RecoveryLike[R]) -> None:
+        """Take a recovery's outcome in: final events for the jobs it failed, and every queued job
+        not known yet (also used by a process that becomes the dispatcher)."""
         for record in recovery.failed:
             self._emit(_terminal_event(record))
-        now, wall = self._clock(), datetime.now(UTC)
         for record in recovery.queued:
-            if record.id in self._queue or record.id in self._running:
-                continue
-            # Credit the time already waited, so aging keeps working across restarts.
-            entry = self._entry(record, enqueued_at=now - _age_seconds(record.created_at, wall))
-            self._queue.push(entry, enforce_caps=False)
+            self.adopt(record, publish=False)
         self._publish_positions()
-        self._loop_task = asyncio.create_task(self._dispatch_loop(), name="atelier-scheduler")
+        self._wake.set()
+
+    def adopt(self, record: R, *, publish: bool = True, front: bool = False) -> bool:
+        """Queue a job that is already queued in the store (recovered, or enqueued by another
+        process), without caps; ``front``: at the front of its band, as a retry goes. False if it
+        is known here already."""
+        if record.id in self._queue or record.id in self._running or record.id in self._history:
+            return False  # (in the history: it ended here; a stale read must not queue it again)
+        # Credit the time already waited, so aging keeps working across restarts and processes.
+        enqueued_at = self._clock() - _age_seconds(record.created_at, datetime.now(UTC))
+        self._queue.push(self._entry(record, enqueued_at=enqueued_at), front=front, enforce_caps=False)
+        if publish:
+            self._publish_positions()
+            self._wake.set()
+        return True
+
+    def forget(self, job_id: str, *, ended: R | None = None) -> bool:
+        """Drop a queued job that another process started or ended, without writing anything;
+        ``ended`` (its final record) also emits its final event here. False if it was not queued."""
+        entry = self._queue.remove(job_id)
+        if entry is None:
+            return False
+        self._last_position.pop(job_id, None)
+        if ended is not None and ended.status in FINAL_STATUSES:
+            self._emit(_terminal_event(ended))
+        self._publish_positions()
+        return True
+
+    def knows(self, job_id: str) -> bool:
+        """Whether the job is queued or running here."""
+        return job_id in self._queue or job_id in self._running
+
+    def wake(self) -> None:
+        """Look at the queue again now (e.g. ``may_dispatch`` turned true)."""
+        self._wake.set()
 
     async def stop(self, grace: float = 20.0) -> None:
         """Stop taking work. Running jobs get ``grace`` seconds to finish; the rest are cancelled
@@ -372,7 +423,7 @@ class Scheduler(Generic[R]):
             try:
                 await self._store.mark_failed(job_id, str(exc))
             except Exception:
-                log.exception("job %s: could not record the queue-full refusal", job_id)
+                log.exception("job=%s could not record the queue-full refusal", job_id)
             raise
         self._queue.push(self._entry(record), enforce_caps=False)
         self._publish_positions()
@@ -389,7 +440,7 @@ class Scheduler(Generic[R]):
             try:
                 record = await self._store.mark_cancelled(job_id)
             except Exception:
-                log.exception("job %s: could not record the cancellation; it stays queued", job_id)
+                log.exception("job=%s could not record the cancellation; it stays queued", job_id)
                 self._queue.push(entry, enforce_caps=False)
                 self._wake.set()
                 raise
@@ -549,7 +600,7 @@ class Scheduler(Generic[R]):
             try:
                 outcome = callback(event)
             except Exception:
-                log.exception("job %s: event listener failed on %s", job_id, type(event).__name__)
+                log.exception("job=%s event listener failed on %s", job_id, type(event).__name__)
                 continue
             if inspect.isawaitable(outcome):
                 future = asyncio.ensure_future(outcome)
@@ -562,7 +613,15 @@ class Scheduler(Generic[R]):
             log.error("event listener failed", exc_info=future.exception())
 
     def _publish_positions(self) -> None:
-        """Emit ``Queued`` for every queued job whose position changed since it was last told."""
+        """Emit ``Queued`` for every queued job whose position changed since it was last told,
+        once per event-loop turn however many changes it had (a burst of enqueues would
+        otherwise recompute every position and ETA once per job)."""
+        if not self._positions_due:
+            self._positions_due = True
+            asyncio.get_running_loop().call_soon(self._publish_positions_now)
+
+    def _publish_positions_now(self) -> None:
+        self._positions_due = False
         for view in self._queued_views():
             if self._last_position.get(view.job_id) != view.position:
                 self._last_position[view.job_id] = view.position
@@ -593,8 +652,10 @@ class Scheduler(Generic[R]):
         while (
             not self._paused
             and not self._stopping
+            and (self._may_dispatch is None or self._may_dispatch())
             and self._hold_until <= asyncio.get_running_loop().time()
-            and len(self._running) < self._slots()
+            and self._slots_in_use() < self._slots() * (1 + self._prefetch())
+            and len(self._running) < self._slots() * (2 + self._prefetch())
         ):
             entry = self._queue.pop()
             if entry is None:
@@ -618,7 +679,7 @@ class Scheduler(Generic[R]):
                     await self._settle_requeue(st, "interrupted by shutdown", back_in_line=False)
             raise
         except Exception:
-            log.exception("job %s: unexpected scheduler error", st.job_id)
+            log.exception("job=%s unexpected scheduler error", st.job_id)
             if not st.settled:
                 await self._settle_failed(st, "internal error in the scheduler")
         finally:
@@ -646,7 +707,7 @@ class Scheduler(Generic[R]):
         try:
             job = self._job_factory(st.record)
         except Exception as exc:
-            log.exception("job %s: could not build the engine job", job_id)
+            log.exception("job=%s could not build the engine job", job_id)
             await self._settle_failed(st, f"invalid job parameters: {exc}")
             return
         st.phase = "engine"
@@ -664,7 +725,7 @@ class Scheduler(Generic[R]):
             await self._engine_failed(st, str(exc) or type(exc).__name__, retryable=exc.retryable)
             return
         except Exception as exc:
-            log.exception("job %s: the engine client raised", job_id)
+            log.exception("job=%s the engine client raised", job_id)
             st.phase = "finishing"
             await self._engine_failed(st, f"engine error: {exc!r}", retryable=True)
             return
@@ -678,8 +739,12 @@ class Scheduler(Generic[R]):
             async for item in stream:
                 if isinstance(item, Result):
                     result = item
+                    self._free_slot(st)
                     break
                 if isinstance(item, Progress):
+                    st.engine_started = True
+                    if item.phase == "encode":
+                        self._free_slot(st)
                     st.progress = item
                     self._emit(ProgressEvent(st.job_id, item))
                     if st.cancel_unsent:
@@ -690,7 +755,7 @@ class Scheduler(Generic[R]):
                 try:
                     await aclose()
                 except Exception:
-                    log.debug("job %s: closing the engine stream failed", st.job_id, exc_info=True)
+                    log.debug("job=%s closing the engine stream failed", st.job_id, exc_info=True)
         if result is None:
             raise EngineError("the engine ended the job without a result", retryable=True)
         return result
@@ -702,7 +767,7 @@ class Scheduler(Generic[R]):
         elif st.stop_requeue or self._stopping:
             await self._settle_requeue(st, f"interrupted by shutdown ({error})", back_in_line=False)
         elif retryable and attempts < self._settings.max_attempts:
-            log.warning("job %s: attempt %d failed (%s); retrying", st.job_id, attempts, error)
+            log.warning("job=%s attempt %d failed (%s); retrying", st.job_id, attempts, error)
             await self._settle_requeue(st, error, back_in_line=True)
         elif retryable:
             await self._settle_failed(st, f"the engine failed {attempts} times; last error: {error}")
@@ -711,22 +776,22 @@ class Scheduler(Generic[R]):
 
     async def _mark_running_failed(self, st: _Running, exc: Exception) -> None:
         job_id = st.job_id
-        log.warning("job %s: could not mark it running: %s", job_id, exc)
+        log.warning("job=%s could not mark it running: %s", job_id, exc)
         try:
             record = await self._store.get(job_id)
         except Exception:
-            log.warning("job %s: the store is unreachable; retrying shortly", job_id, exc_info=True)
+            log.warning("job=%s the store is unreachable; retrying shortly", job_id, exc_info=True)
             record, reachable = None, False
         else:
             reachable = True
         if reachable and record is None:
-            log.error("job %s: no longer in the store; dropped", job_id)
+            log.error("job=%s no longer in the store; dropped", job_id)
             st.settled = True
         elif record is not None and record.status in FINAL_STATUSES:
             st.settled = True  # finished elsewhere (e.g. cancelled by another path)
             self._emit(_terminal_event(record))
         elif record is not None and record.status != "queued":
-            log.error("job %s: is %s in the store, not queued; left to recovery", job_id, record.status)
+            log.error("job=%s is %s in the store, not queued; left to recovery", job_id, record.status)
         elif st.cancel_requested:
             await self._settle_cancelled(st)
         elif not self._stopping:
@@ -742,7 +807,7 @@ class Scheduler(Generic[R]):
         try:
             record = await call()
         except Exception:
-            log.exception("job %s: %s failed in the store", st.job_id, what)
+            log.exception("job=%s %s failed in the store", st.job_id, what)
             return None
         st.settled = True
         return record
@@ -754,7 +819,7 @@ class Scheduler(Generic[R]):
             else:
                 images = describe_images(st.record, result)
         except Exception as exc:
-            log.exception("job %s: saving the images failed", st.job_id)
+            log.exception("job=%s saving the images failed", st.job_id)
             await self._settle_failed(st, f"could not save the images: {exc}")
             return
         seeds = [image.seed for image in result.images]
@@ -782,7 +847,10 @@ class Scheduler(Generic[R]):
     async def _settle_requeue(self, st: _Running, error: str, *, back_in_line: bool) -> None:
         """running → queued in the store; with ``back_in_line`` also to the front of its band
         here (otherwise it resumes from the store after a restart)."""
-        record = await self._write(st, "requeue", lambda: self._store.requeue(st.job_id, error))
+        # A prefetched job interrupted while it still waited inside the engine never ran: its
+        # attempt does not count against max_attempts.
+        used = st.engine_started or not self._prefetch()
+        record = await self._write(st, "requeue", lambda: self._store.requeue(st.job_id, error, attempt_used=used))
         if record is None or not back_in_line or self._stopping:
             return
         entry = self._entry(record, enqueued_at=st.entry.enqueued_at)
@@ -806,6 +874,20 @@ class Scheduler(Generic[R]):
             return int(self._engine.slots)
         except Exception:
             return 0
+
+    def _prefetch(self) -> int:
+        try:
+            return max(0, int(getattr(self._engine, "prefetch", 0)))
+        except Exception:
+            return 0
+
+    def _slots_in_use(self) -> int:
+        return sum(1 for st in self._running.values() if st.holds_slot)
+
+    def _free_slot(self, st: _Running) -> None:
+        if st.holds_slot:
+            st.holds_slot = False
+            self._wake.set()
 
     def _running_count(self, owner_id: int) -> int:
         return sum(1 for st in self._running.values() if st.entry.owner_id == owner_id)
@@ -840,5 +922,5 @@ class Scheduler(Generic[R]):
         try:
             return bool(await asyncio.wait_for(self._engine.cancel(job_id), self._stop_timeout))
         except Exception:
-            log.warning("job %s: the engine did not take the cancellation", job_id, exc_info=True)
+            log.warning("job=%s the engine did not take the cancellation", job_id, exc_info=True)
             return False

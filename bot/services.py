@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.coordination import Coordinator, SharedDelivery, SharedScheduler, SharedStore
 from bot.delivery import Delivery
-from bot.metrics import Metrics
+from bot.metrics import JobObserver, Metrics
 from bot.requests import JobRequests, build_engine_job
 from bot.safety import SafetyChecker
 from bot.scheduler import Scheduler
 from bot.storage import OutputStore
 from config.settings import Settings
+from db.coordination import NoticeSender
 from db.jobs import JobRecord, JobStore
 from db.migrate import upgrade
 from db.moderation import ModerationStore
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 # Bot-wide flags (the queue is shared by every server the bot is in) live on this guild id.
 GLOBAL_GUILD = 0
 PRUNE_EVERY_SECONDS = 3600.0
+SHARED_CACHE_SECONDS = 2.0
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Services:
     requests: JobRequests = field(init=False)
     delivery: Delivery = field(init=False)
     config_blocklist: list[str] = field(default_factory=list)
+    coordinator: Coordinator | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def server_default_model(self, guild_id: int | None) -> str:
@@ -72,6 +76,8 @@ class Services:
 
     async def set_paused(self, paused: bool) -> None:
         await self.moderation.set_paused(GLOBAL_GUILD, paused)
+        if self.coordinator is not None:
+            await self.coordinator.send("pause" if paused else "resume", None)
         if paused:
             self.scheduler.pause()
         else:
@@ -83,6 +89,9 @@ class Services:
         await self.scheduler.stop(grace)
         await self.delivery.drain(timeout=5.0)
         await self.engine.close()
+        if self.coordinator is not None:
+            # After the engine is gone, so two engines never share the GPU during a hand-over.
+            await self.coordinator.stop()
         self.metrics.stop_http()
         await self.db.close()
 
@@ -95,20 +104,27 @@ async def build_services(
     await upgrade(settings.database.url)
     db = Database(settings.database.url)
     await db.connect()
-    jobs = JobStore(db)
+    shared = settings.database.shared  # several bot processes on one PostgreSQL: bot.coordination
+    notices = NoticeSender() if shared else None
+    jobs = JobStore(db, notices=notices)
+    # On PostgreSQL other bot processes may write too: see their moderation changes within 2 s.
+    moderation = ModerationStore(db, cache_ttl=None if db.is_sqlite else SHARED_CACHE_SECONDS)
     quotas = QuotaStore(
-        db, window_seconds=settings.quota.window_hours * 3600, default_limit=settings.quota.default_limit
+        db,
+        window_seconds=settings.quota.window_hours * 3600,
+        default_limit=settings.quota.default_limit,
+        settings_written=moderation.guild_settings_written,
     )
-    moderation = ModerationStore(db)
     outputs = OutputStore(settings.storage)
     safety = SafetyChecker(settings.safety)
     if settings.safety.enabled:
         await safety.load()
-    metrics = Metrics()
+    metrics = bot.metrics  # made with the bot: its HTTP trace counts Discord errors from the first request
     if settings.metrics.port:
         metrics.start_http(settings.metrics.port)
     engine = StartingEngine(engine_factory(settings))
-    await engine.start()
+    if not shared:  # shared: only the process that becomes the dispatcher starts its engine
+        await engine.start()
     inputs_dir = Path(settings.storage.output_dir) / "inputs"
     services = Services(
         settings=settings,
@@ -122,22 +138,37 @@ async def build_services(
         metrics=metrics,
         config_blocklist=list(settings.moderation.blocklist),
     )
-    services.delivery = Delivery(bot, services)
-    services.scheduler = scheduler = Scheduler(
-        jobs,
+    coordinator = Coordinator(services, notices, resync_seconds=settings.database.resync_seconds) if notices else None
+    services.coordinator = coordinator
+    if coordinator is None:
+        services.delivery = Delivery(bot, services)
+    else:
+        services.delivery = SharedDelivery(bot, services, dispatching=lambda: coordinator.dispatching)
+    services.scheduler = scheduler = (Scheduler if coordinator is None else SharedScheduler)(
+        jobs if coordinator is None else SharedStore(jobs),
         engine,
         queue=settings.queue,
         job_factory=lambda record: build_engine_job(record, inputs_dir),
         store_images=services.delivery.store_images,
+        may_dispatch=None if coordinator is None else lambda: coordinator.dispatching,
     )
+    if isinstance(scheduler, SharedScheduler) and coordinator is not None:
+        scheduler.coordinator = coordinator
+        await coordinator.start_listening()
     services.requests = JobRequests(bot, services, inputs_dir=inputs_dir)
     scheduler.on_event(services.delivery.on_event)
+    observer = JobObserver(metrics, scheduler, engine)
+    scheduler.on_event(observer.on_event)
+    services._tasks.append(asyncio.create_task(observer.run(), name="metrics-refresh"))
     if (await moderation.get_settings(GLOBAL_GUILD)).paused:
         scheduler.pause()
     await scheduler.start()
-    for view in scheduler.snapshot():  # jobs recovered from the previous run
-        services.delivery.track(view.record)
-    services._tasks.append(asyncio.create_task(services.delivery.deliver_pending(), name="deliver-pending"))
+    if coordinator is not None:
+        coordinator.start()  # recovery and pending posts happen when it becomes the dispatcher
+    else:
+        for view in scheduler.snapshot():  # jobs recovered from the previous run
+            services.delivery.track(view.record)
+        services._tasks.append(asyncio.create_task(services.delivery.deliver_pending(), name="deliver-pending"))
     services._tasks.append(asyncio.create_task(_prune_forever(outputs), name="prune-outputs"))
     return services
 

@@ -2,8 +2,9 @@
 
 Each button is a `DynamicItem`: its whole state is in the custom_id (`atelier:<action>:<job>[:<i>]`),
 and everything else is read from the database when it is clicked, so buttons keep working on old
-messages and after the bot restarts. A custom_id that does not match a template is ignored by
-discord.py; one that matches but names an unknown job gets a clear ephemeral answer.
+messages and after the bot restarts. A custom_id that matches no template (never issued, or
+tampered with) gets an ephemeral answer from `answer_unknown_button`; one that matches but names
+an unknown job gets a clear ephemeral answer from its action.
 """
 
 from __future__ import annotations
@@ -172,3 +173,25 @@ def progress_view(job_id: str) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(CancelButton(job_id, label="Cancel", emoji="✖️", style=discord.ButtonStyle.secondary))
     return view
+
+
+def is_issued_custom_id(custom_id: str) -> bool:
+    """True when one of the buttons above could have this custom_id (discord.py's own test)."""
+    return any(item.__discord_ui_compiled_template__.fullmatch(custom_id) for item in DYNAMIC_ITEMS)
+
+
+async def answer_unknown_button(interaction: discord.Interaction) -> None:
+    """Listener: discord.py ignores a click whose custom_id matches no button, which Discord shows
+    as "This interaction failed"; answer it instead (nothing runs, nothing is charged)."""
+    if interaction.type is not discord.InteractionType.component:
+        return
+    custom_id = str((interaction.data or {}).get("custom_id") or "")
+    if is_issued_custom_id(custom_id):
+        return
+    log.info("unknown button %r from %s", custom_id[:120], interaction.user.id)
+    try:
+        await interaction.response.send_message(
+            "That button is not one of mine, or no longer valid. Nothing was done or charged.", ephemeral=True
+        )
+    except discord.HTTPException as exc:
+        log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)

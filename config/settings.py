@@ -58,10 +58,25 @@ class DiscordSettings(Section):
     allow_dms: bool = True
     moderator_roles: list[int] = Field(default_factory=list)
     priority_roles: list[int] = Field(default_factory=list)
+    shard_count: int = Field(0, ge=0)
+    shard_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shards_in_range(self) -> DiscordSettings:
+        if self.shard_ids and not self.shard_count:
+            raise ValueError("shard_ids needs shard_count (the total number of shards)")
+        wrong = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
+        if wrong:
+            raise ValueError(f"shard_ids {wrong} are outside 0..{self.shard_count - 1} (the shard_count)")
+        if len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("shard_ids lists a shard twice")
+        return self
 
 
 class DatabaseSettings(Section):
     url: str = "sqlite+aiosqlite:///data/atelier.db"
+    shared: bool = False
+    resync_seconds: float = Field(5.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -69,6 +84,14 @@ class DatabaseSettings(Section):
         if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return url
+
+    @model_validator(mode="after")
+    def _shared_needs_postgres(self) -> DatabaseSettings:
+        # SQLite is one file on one machine: processes cannot LISTEN, hold advisory locks or
+        # reach it from other hosts, so "shared" would silently run two dispatchers.
+        if self.shared and not self.url.startswith("postgresql+asyncpg://"):
+            raise ValueError("shared = true needs PostgreSQL: set url to postgresql+asyncpg://...")
+        return self
 
 
 class EngineSettings(Section):
@@ -90,6 +113,9 @@ class EngineSettings(Section):
     upscaler: str = ""
     ray_address: str = ""
     ray_replicas: int = Field(1, ge=1)
+    ray_num_gpus: float = Field(1.0, ge=0)
+    ray_num_cpus: float = Field(1.0, ge=0)
+    ray_app: str = Field("atelier", min_length=1)
 
     @field_validator("upscaler")
     @classmethod

@@ -8,6 +8,10 @@ same transaction: a job can never end up failed-but-charged or done-but-refunded
 Callers get ``JobRecord`` snapshots (frozen dataclasses), never ORM objects, so no session or
 lazy load leaks out of this module.
 
+With a ``NoticeSender`` (several bot processes sharing one PostgreSQL, see ``db.coordination``)
+every state change also sends a notice inside its own transaction, so other processes hear of
+it exactly when it commits.
+
 Allowed transitions::
 
     queued  -> running | cancelled | failed
@@ -18,7 +22,7 @@ Allowed transitions::
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,14 +32,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from db.coordination import NoticeSender
 from db.ledger import LedgerStateError, commit_job, refund_job
 from db.models import JOB_KINDS, JOB_STATUSES, Job, LedgerEntry, utcnow
-from db.quotas import QuotaStore, Refusal
+from db.quotas import QuotaStore, Refusal, Reservation
 from db.session import Database
 
 __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
+    "POSTING",
     "DuplicateJobId",
     "InvalidTransition",
     "JobError",
@@ -47,6 +53,9 @@ __all__ = [
 ]
 
 Reserve = aliased(LedgerEntry)
+
+POSTING = 0
+"""``result_message_id`` while a process is posting the result (``claim_post``); no real message id is 0."""
 
 ACTIVE_STATUSES = ("queued", "running")
 FINAL_STATUSES = ("done", "failed", "cancelled")
@@ -160,11 +169,19 @@ class JobStats:
 
 
 class JobStore:
-    """CRUD and validated state transitions for jobs. ``clock`` is injectable for tests."""
+    """CRUD and validated state transitions for jobs. ``clock`` is injectable for tests;
+    ``notices`` (PostgreSQL only) makes every state change send a ``JobNotice``."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow, notices: NoticeSender | None = None):
+        if notices is not None and not db.is_postgres:
+            raise ValueError("job notices need PostgreSQL (LISTEN/NOTIFY)")
         self.db = db
         self.clock = clock
+        self.notices = notices
+
+    async def _notify(self, s: AsyncSession, event: str, job_id: str, *, message_id: int | None = None) -> None:
+        if self.notices is not None:
+            await self.notices.in_session(s, event, job_id, message_id=message_id)
 
     def _new_row(
         self,
@@ -226,6 +243,7 @@ class JobStore:
             async with self.db.session() as s:
                 s.add(row)
                 await s.flush()
+                await self._notify(s, "queued", job_id)
                 return JobRecord.from_row(row)
         except IntegrityError as exc:
             raise DuplicateJobId(job_id) from exc
@@ -246,8 +264,9 @@ class JobStore:
         exempt: bool = False,
         interaction_id: int | None = None,
         request_message_id: int | None = None,
-    ) -> JobRecord | Refusal:
-        """Reserve ``cost`` on the owner's quota and record the queued job in ONE transaction.
+    ) -> tuple[JobRecord, Reservation] | Refusal:
+        """Reserve ``cost`` on the owner's quota and record the queued job in ONE transaction;
+        returns the job and its reservation (what is left of the quota after it).
 
         Either both happen or neither: a refusal writes nothing, a duplicate id
         (``DuplicateJobId``) rolls the reservation back, and a crash cannot leave a charge
@@ -266,7 +285,8 @@ class JobStore:
                     return result
                 s.add(row)
                 await s.flush()
-                return JobRecord.from_row(row)
+                await self._notify(s, "queued", job_id)
+                return JobRecord.from_row(row), result
         except IntegrityError as exc:
             raise DuplicateJobId(job_id) from exc
 
@@ -293,6 +313,20 @@ class JobStore:
             row = await self._locked(s, job_id)
             self._check(row, "running")
             row.status, row.attempts, row.started_at = "running", row.attempts + 1, self.clock()
+            await self._notify(s, "running", job_id)
+            return JobRecord.from_row(row)
+
+    async def claim(self, job_id: str) -> JobRecord | None:
+        """queued -> running unless someone else has the job: None when it is not queued any more
+        or another transaction holds its row right now (``FOR UPDATE SKIP LOCKED``, so a claim
+        never waits behind another dispatcher's claim or a cancel in flight). Counts an attempt."""
+        stmt = select(Job).where(Job.id == job_id, Job.status == "queued").with_for_update(skip_locked=True)
+        async with self.db.session() as s:
+            row = (await s.execute(stmt)).scalar_one_or_none()
+            if row is None:
+                return None
+            row.status, row.attempts, row.started_at = "running", row.attempts + 1, self.clock()
+            await self._notify(s, "running", job_id)
             return JobRecord.from_row(row)
 
     async def mark_done(
@@ -309,6 +343,7 @@ class JobStore:
                 await commit_job(s, job_id, now)
             except LedgerStateError:
                 pass  # refunded by hand while running (e.g. a moderator): the job stays free
+            await self._notify(s, "done", job_id)
             return JobRecord.from_row(row)
 
     async def _finish_refunded(self, s: AsyncSession, row: Job, status: str, error: str | None) -> None:
@@ -320,6 +355,7 @@ class JobStore:
         # after_commit: a failed or cancelled job is always owed its units back, even if some
         # caller committed its charge early.
         await refund_job(s, row.id, now, after_commit=True, note=status)
+        await self._notify(s, status, row.id)
 
     async def mark_failed(self, job_id: str, error: str) -> JobRecord:
         """queued/running -> failed for good, refunding the charge in the same transaction."""
@@ -328,19 +364,27 @@ class JobStore:
             await self._finish_refunded(s, row, "failed", error)
             return JobRecord.from_row(row)
 
-    async def mark_cancelled(self, job_id: str) -> JobRecord:
-        """queued/running -> cancelled, refunding the charge in the same transaction."""
+    async def mark_cancelled(self, job_id: str, *, only_queued: bool = False) -> JobRecord:
+        """queued/running -> cancelled, refunding the charge in the same transaction. With
+        ``only_queued`` a running job raises ``InvalidTransition`` (a process that is not running
+        the job must not end it under the dispatcher's feet)."""
         async with self.db.session() as s:
             row = await self._locked(s, job_id)
+            if only_queued and row.status != "queued":
+                raise InvalidTransition(job_id, row.status, "cancelled")
             await self._finish_refunded(s, row, "cancelled", None)
             return JobRecord.from_row(row)
 
-    async def requeue(self, job_id: str, error: str) -> JobRecord:
-        """running -> queued after a retryable failure; attempts are kept, the error noted."""
+    async def requeue(self, job_id: str, error: str, *, attempt_used: bool = True) -> JobRecord:
+        """running -> queued after a retryable failure; attempts are kept (given back with
+        ``attempt_used=False``: the job never reached the engine), the error noted."""
         async with self.db.session() as s:
             row = await self._locked(s, job_id)
             self._check(row, "queued")
             row.status, row.error, row.started_at = "queued", error, None
+            if not attempt_used:
+                row.attempts = max(0, row.attempts - 1)
+            await self._notify(s, "queued", job_id)
             return JobRecord.from_row(row)
 
     async def recover(self, max_attempts: int = 3) -> list[JobRecord]:
@@ -375,6 +419,7 @@ class JobStore:
                 else:
                     row.status, row.started_at = "queued", None
                     row.error = "interrupted by a restart"
+                    await self._notify(s, "queued", row.id)
                     requeued.append(JobRecord.from_row(row))
             await s.flush()
             orphans = await self._refund_orphans(s, orphan_grace_seconds, orphan_horizon_days)
@@ -423,7 +468,46 @@ class JobStore:
             row = await s.get(Job, job_id, populate_existing=True)
             if row is None:
                 raise JobNotFound(job_id)
+            if status_message_id is not None:
+                await self._notify(s, "card", job_id, message_id=status_message_id)
             return JobRecord.from_row(row)
+
+    async def claim_post(self, job_id: str) -> bool:
+        """Take the right to post a done job's result (``result_message_id`` NULL -> ``POSTING``);
+        False when it is posted or being posted already. A conditional update: of several
+        processes asking at once exactly one gets True."""
+        stmt = (
+            update(Job)
+            .where(Job.id == job_id, Job.status == "done", Job.result_message_id.is_(None))
+            .values(result_message_id=POSTING)
+        )
+        async with self.db.session() as s:
+            return bool((await s.execute(stmt)).rowcount)
+
+    async def release_post(self, job_id: str) -> None:
+        """Give a ``claim_post`` back (the post failed): a later ``deliver_pending`` may try again."""
+        stmt = update(Job).where(Job.id == job_id, Job.result_message_id == POSTING).values(result_message_id=None)
+        async with self.db.session() as s:
+            await s.execute(stmt)
+
+    async def release_stale_posts(self) -> int:
+        """Give back every ``POSTING`` claim (called by a new dispatcher: the process that held
+        them is gone). Returns how many."""
+        stmt = update(Job).where(Job.status == "done", Job.result_message_id == POSTING).values(result_message_id=None)
+        async with self.db.session() as s:
+            return int((await s.execute(stmt)).rowcount or 0)
+
+    async def set_status_messages(self, message_ids: Mapping[str, int]) -> None:
+        """Remember the queue-card message of many jobs in one transaction (a burst's cards)."""
+        if not message_ids:
+            return
+        async with self.db.session() as s:
+            # ORM bulk UPDATE by primary key: one executemany statement.
+            await s.execute(
+                update(Job), [{"id": job_id, "status_message_id": mid} for job_id, mid in message_ids.items()]
+            )
+            for job_id, mid in message_ids.items():  # shared mode: tell the dispatcher (no-op otherwise)
+                await self._notify(s, "card", job_id, message_id=mid)
 
     async def set_images(self, job_id: str, images: list[dict[str, Any]]) -> JobRecord:
         """Replace a finished job's image list, e.g. to add the attachment URLs once posted."""

@@ -4,14 +4,25 @@ Blocklist patterns are case-insensitive regular expressions checked against prom
 validated when added (they must compile, must not match empty text, which would block every
 prompt, and must not nest quantifiers like ``(a+)+``, the classic catastrophic-backtracking
 shape) so that a moderator typo cannot take the bot down.
+
+Every slash command reads the member's ban, the guild's blocklist and settings and the member's
+default model before anything else, so these reads are cached in memory: a burst of commands
+then costs one write transaction each instead of six round trips. Writes through this store drop
+the entries they change, and a read that overlapped a write never stores what it read, so one
+process always sees its own writes at once. When several processes share the database, give
+``cache_ttl`` (seconds): another process's change is then seen at the latest that much later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +34,8 @@ from db.session import Database
 __all__ = ["BanRecord", "GuildSettingsRecord", "InvalidPattern", "ModerationStore", "validate_pattern"]
 
 MAX_PATTERN_LENGTH = 300
+CACHE_ENTRIES = 50_000  # guilds' settings/bans/patterns and members' default models, LRU
+T = TypeVar("T")
 # A group containing a quantifier, itself quantified: (a+)+, (\w*\s?)*, (x{2,})+ ...
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*?(?:[+*]|\{\d*,\d*\})(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
 
@@ -77,17 +90,62 @@ class GuildSettingsRecord:
         return self.priority_role_ids
 
 
+class _ReadCache:
+    """Bounded LRU of read results, with an optional time to live, that never stores a value
+    read while a write was under way (``version`` moves on every write)."""
+
+    def __init__(self, ttl: float | None, max_entries: int = CACHE_ENTRIES) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.version = 0
+        self._entries: OrderedDict[tuple[str, int], tuple[float, Any]] = OrderedDict()
+
+    async def get(self, key: tuple[str, int], read: Callable[[], Awaitable[T]]) -> T:
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and (self.ttl is None or now - hit[0] < self.ttl):
+            self._entries.move_to_end(key)
+            return hit[1]  # type: ignore[no-any-return]
+        version = self.version
+        value = await read()
+        if version == self.version:
+            self._entries[key] = (now, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def changed(self, key: tuple[str, int]) -> None:
+        """Before and after a write of ``key``: reads overlapping the write are not kept."""
+        self.version += 1
+        self._entries.pop(key, None)
+
+
 class ModerationStore:
-    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow, cache_ttl: float | None = None):
         self.db = db
         self.clock = clock
+        self._cache = _ReadCache(cache_ttl)
+
+    def guild_settings_written(self, guild_id: int) -> None:
+        """Another store writes the guild's settings row (before and after): drop the cached copy."""
+        self._cache.changed(("settings", guild_id))
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, key: tuple[str, int]) -> AsyncIterator[AsyncSession]:
+        self._cache.changed(key)
+        try:
+            async with self.db.session() as s:
+                yield s
+        finally:
+            self._cache.changed(key)
 
     # ------------------------------------------------------------------- bans
     async def ban(
         self, guild_id: int, user_id: int, *, reason: str | None = None, moderator_id: int | None = None
     ) -> BanRecord:
         """Ban a user (banning again updates the reason and moderator)."""
-        async with self.db.session() as s:
+        async with self._writing(("bans", guild_id)) as s:
             row = await s.get(Ban, (guild_id, user_id))
             if row is None:
                 row = Ban(
@@ -104,7 +162,7 @@ class ModerationStore:
 
     async def unban(self, guild_id: int, user_id: int) -> bool:
         """Lift a ban; False if the user was not banned."""
-        async with self.db.session() as s:
+        async with self._writing(("bans", guild_id)) as s:
             row = await s.get(Ban, (guild_id, user_id))
             if row is None:
                 return False
@@ -112,9 +170,11 @@ class ModerationStore:
             return True
 
     async def get_ban(self, guild_id: int, user_id: int) -> BanRecord | None:
-        async with self.db.session(write=False) as s:
-            row = await s.get(Ban, (guild_id, user_id))
-            return None if row is None else _ban(row)
+        bans = await self._cache.get(("bans", guild_id), lambda: self._read_bans(guild_id))
+        return bans.get(user_id)
+
+    async def _read_bans(self, guild_id: int) -> dict[int, BanRecord]:
+        return {ban.user_id: ban for ban in await self.list_bans(guild_id)}
 
     async def is_banned(self, guild_id: int, user_id: int) -> bool:
         return await self.get_ban(guild_id, user_id) is not None
@@ -129,7 +189,7 @@ class ModerationStore:
         """Add a pattern (validated, see ``validate_pattern``); False if already present."""
         validate_pattern(pattern)
         try:
-            async with self.db.session() as s:
+            async with self._writing(("patterns", guild_id)) as s:
                 exists = await s.scalar(
                     select(BlocklistPattern.id).where(
                         BlocklistPattern.guild_id == guild_id, BlocklistPattern.pattern == pattern
@@ -143,7 +203,7 @@ class ModerationStore:
             return False
 
     async def remove_pattern(self, guild_id: int, pattern: str) -> bool:
-        async with self.db.session() as s:
+        async with self._writing(("patterns", guild_id)) as s:
             result = await s.execute(
                 delete(BlocklistPattern).where(
                     BlocklistPattern.guild_id == guild_id, BlocklistPattern.pattern == pattern
@@ -152,27 +212,34 @@ class ModerationStore:
             return bool(getattr(result, "rowcount", 0))
 
     async def list_patterns(self, guild_id: int) -> list[str]:
+        return [pattern for pattern, _ in await self._patterns(guild_id)]
+
+    async def _patterns(self, guild_id: int) -> list[tuple[str, re.Pattern[str] | None]]:
+        return await self._cache.get(("patterns", guild_id), lambda: self._read_patterns(guild_id))
+
+    async def _read_patterns(self, guild_id: int) -> list[tuple[str, re.Pattern[str] | None]]:
         async with self.db.session(write=False) as s:
             rows = await s.execute(
                 select(BlocklistPattern.pattern)
                 .where(BlocklistPattern.guild_id == guild_id)
                 .order_by(BlocklistPattern.id)
             )
-            return list(rows.scalars())
+            return [(pattern, _compiled(pattern)) for pattern in rows.scalars()]
 
     async def matching_pattern(self, guild_id: int, text: str) -> str | None:
         """The first blocklist pattern found in ``text`` (case-insensitive), or None."""
-        for pattern in await self.list_patterns(guild_id):
-            try:
-                if re.search(pattern, text, re.IGNORECASE):
-                    return pattern
-            except re.error:  # stored before validation existed: ignore rather than crash
-                continue
+        for pattern, compiled in await self._patterns(guild_id):
+            if compiled is not None and compiled.search(text):
+                return pattern
         return None
 
     # --------------------------------------------------------- guild settings
     async def get_settings(self, guild_id: int) -> GuildSettingsRecord:
-        """The guild's settings; defaults when nothing was ever set."""
+        """The guild's settings; defaults when nothing was ever set. (``default_quota_limit`` is
+        written by the quota store and may lag here: reservations read it themselves.)"""
+        return await self._cache.get(("settings", guild_id), lambda: self._read_settings(guild_id))
+
+    async def _read_settings(self, guild_id: int) -> GuildSettingsRecord:
         async with self.db.session(write=False) as s:
             row = await s.get(GuildSettings, guild_id)
             return GuildSettingsRecord(guild_id) if row is None else _settings(row)
@@ -191,42 +258,55 @@ class ModerationStore:
         return row
 
     async def set_default_model(self, guild_id: int, name: str | None) -> GuildSettingsRecord:
-        async with self.db.session() as s:
+        async with self._writing(("settings", guild_id)) as s:
             row = await self._settings_row(s, guild_id)
             row.default_model, row.updated_at = name, self.clock()
             return _settings(row)
 
     async def set_moderator_roles(self, guild_id: int, role_ids: Iterable[int]) -> GuildSettingsRecord:
-        async with self.db.session() as s:
+        async with self._writing(("settings", guild_id)) as s:
             row = await self._settings_row(s, guild_id)
             row.moderator_role_ids, row.updated_at = _unique(role_ids), self.clock()
             return _settings(row)
 
     async def set_priority_roles(self, guild_id: int, role_ids: Iterable[int]) -> GuildSettingsRecord:
-        async with self.db.session() as s:
+        async with self._writing(("settings", guild_id)) as s:
             row = await self._settings_row(s, guild_id)
             row.priority_role_ids, row.updated_at = _unique(role_ids), self.clock()
             return _settings(row)
 
     async def set_paused(self, guild_id: int, paused: bool) -> GuildSettingsRecord:
-        async with self.db.session() as s:
+        async with self._writing(("settings", guild_id)) as s:
             row = await self._settings_row(s, guild_id)
             row.paused, row.updated_at = paused, self.clock()
             return _settings(row)
 
     # ------------------------------------------------------- user preferences
     async def get_user_default_model(self, user_id: int) -> str | None:
+        # The whole (small: only members who chose a model) table in one read, so that the many
+        # members without a preference cost no query at all.
+        chosen = await self._cache.get(("user_models", 0), self._read_user_default_models)
+        return chosen.get(user_id)
+
+    async def _read_user_default_models(self) -> dict[int, str | None]:
         async with self.db.session(write=False) as s:
-            row = await s.get(UserPreference, user_id)
-            return None if row is None else row.default_model
+            rows = await s.execute(select(UserPreference.user_id, UserPreference.default_model))
+            return {user_id: model for user_id, model in rows.tuples()}
 
     async def set_user_default_model(self, user_id: int, name: str | None) -> None:
-        async with self.db.session() as s:
+        async with self._writing(("user_models", 0)) as s:
             row = await s.get(UserPreference, user_id)
             if row is None:
                 s.add(UserPreference(user_id=user_id, default_model=name, updated_at=self.clock()))
             else:
                 row.default_model, row.updated_at = name, self.clock()
+
+
+def _compiled(pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern, re.IGNORECASE)
+    except re.error:  # stored before validation existed: ignore rather than crash
+        return None
 
 
 def _unique(ids: Iterable[int]) -> list[int]:

@@ -176,8 +176,12 @@ class QuotaStore:
         window_seconds: float = 86_400,
         default_limit: float | None = None,
         clock: Clock = utcnow,
+        settings_written: Callable[[int], None] | None = None,
     ):
+        """``settings_written(guild_id)`` is called before and after this store writes a guild's
+        settings row (its default limit), e.g. to drop a cached copy of that row."""
         _check_limit(default_limit)
+        self.settings_written = settings_written or (lambda guild_id: None)
         self.db = db
         self.window = timedelta(seconds=window_seconds)
         self.default_limit = default_limit
@@ -256,21 +260,25 @@ class QuotaStore:
     async def set_default_limit(self, guild_id: int, limit: float | None) -> None:
         """The guild's default limit; None falls back to the configured default."""
         _check_limit(limit)
-        async with self.db.session() as s:
-            row = await s.get(GuildSettings, guild_id)
-            if row is None:
-                s.add(
-                    GuildSettings(
-                        guild_id=guild_id,
-                        default_quota_limit=limit,
-                        moderator_role_ids=[],
-                        priority_role_ids=[],
-                        paused=False,
-                        updated_at=self.clock(),
+        self.settings_written(guild_id)
+        try:
+            async with self.db.session() as s:
+                row = await s.get(GuildSettings, guild_id)
+                if row is None:
+                    s.add(
+                        GuildSettings(
+                            guild_id=guild_id,
+                            default_quota_limit=limit,
+                            moderator_role_ids=[],
+                            priority_role_ids=[],
+                            paused=False,
+                            updated_at=self.clock(),
+                        )
                     )
-                )
-            else:
-                row.default_quota_limit, row.updated_at = limit, self.clock()
+                else:
+                    row.default_quota_limit, row.updated_at = limit, self.clock()
+        finally:
+            self.settings_written(guild_id)
 
     async def role_limits(self, guild_id: int) -> dict[int, float]:
         async with self.db.session(write=False) as s:

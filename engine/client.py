@@ -12,11 +12,13 @@ Asyncio integration: a reader thread per worker process blocks on the pipe and h
 message to the event loop with `call_soon_threadsafe`; sends go through a one-thread executor.
 The event loop never blocks on the pipe, whatever the size of a message.
 
-Concurrency: `slots = 1` (one worker, one GPU). Several submits at once are accepted and
-SERIALIZED (not refused): each job is forwarded to the worker as soon as it is submitted and the
+Concurrency: `slots = 1` (one worker, one GPU), `prefetch = 1`. Several submits at once are
+accepted and SERIALIZED (not refused): each job is forwarded to the worker as soon as it is submitted and the
 worker runs them in order. A job holds the slot (`health().busy`) while it waits or computes, not
-while its images are encoded: a scheduler that dispatches to free slots can hand over the next
-job during the encoding, which the worker overlaps with the next job's compute.
+while its images are encoded. The stream yields a Progress with step 0 (phase "load") when the
+worker starts the job, and one with phase "encode" when its compute is over, so a
+scheduler that dispatches to free slots can hand over the next job during the encoding, which
+the worker overlaps with the next job's compute.
 
 Crashes: when the worker process exits for any reason other than `close()` (SIGKILL, a CUDA
 crash, a segfault), the job that was RUNNING raises EngineError(retryable=True) at once; jobs
@@ -89,6 +91,7 @@ class _JobState:
     sends: int = 0
     cancel_requested: bool = False
     finished: bool = False
+    total_steps: int = 0  # of the last Progress, repeated by the "encode" one
 
 
 class _JobStream:
@@ -129,6 +132,8 @@ class LocalEngineClient:
     """One engine child process on this machine (see the module docstring)."""
 
     slots: int = 1
+    # One job waits in the worker's queue behind the running one: it starts with no hand-over gap.
+    prefetch: int = 1
 
     def __init__(
         self,
@@ -444,6 +449,7 @@ class LocalEngineClient:
         if isinstance(message, Progress):
             state = self._jobs.get(message.job_id)
             if state is not None and not state.cancel_requested:
+                state.total_steps = message.total
                 state.queue.put_nowait(message)
             return
         if isinstance(message, Done):
@@ -460,8 +466,15 @@ class LocalEngineClient:
             return
         if isinstance(message, Started):
             state.status = "running"
+            if not state.cancel_requested:
+                # Tells the scheduler the job left the worker's queue and really started.
+                state.queue.put_nowait(Progress(message.job_id, 0, 1, "load"))
         elif isinstance(message, Computed):
             state.status = "encoding"
+            if not state.cancel_requested:
+                # Tells the scheduler the slot is free: the next job can start while this one encodes.
+                total = state.total_steps or 1
+                state.queue.put_nowait(Progress(message.job_id, total, total, "encode"))
         elif isinstance(message, Failed):
             if message.cancelled or state.cancel_requested:
                 self._finish(state, JobCancelled(f"Job {state.job.job_id} was cancelled."))

@@ -170,10 +170,13 @@ class EngineClient(Protocol):
 
     `submit` yields Progress items and ends with exactly one Result; it raises EngineError
     (check `retryable`) or JobCancelled instead when the job does not finish. `slots` is how
-    many jobs may be submitted at once (one per GPU).
+    many jobs may run at once (one per GPU). `prefetch` is how many more jobs per slot may be
+    submitted ahead: they wait inside the engine and start the moment a slot frees, so the GPU
+    does not idle while the bot hands over the next job (0: submit to free slots only).
     """
 
     slots: int
+    prefetch: int
 
     async def start(self) -> None: ...
 

@@ -141,6 +141,127 @@ def _thread_lock_for_tqdm() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+# ---------------------------------------------------------------------------- shared with engine.ray_serve
+# The steps of running a job that do not depend on how messages travel: the pipe worker below and
+# each Ray Serve replica (engine.ray_serve) call these, so both backends produce the same bytes.
+
+
+def set_torch_threads(config: WorkerConfig) -> None:
+    """Apply engine.torch_threads to the calling thread (OpenMP keeps the setting per thread)."""
+    if config.engine.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.engine.torch_threads)
+
+
+def load_runner(config: WorkerConfig) -> tuple[RunnerLike, Ready]:
+    """Import torch/diffusers, build the Runner with the default model loaded; raise on failure.
+    The returned Ready holds this process's timings."""
+    started = time.perf_counter()
+    set_torch_threads(config)
+    _thread_lock_for_tqdm()
+    if config.runner_factory == DEFAULT_RUNNER_FACTORY:
+        importlib.import_module("engine.pipelines")  # torch + diffusers: timed apart
+    factory = _resolve(config.runner_factory)
+    imported = time.perf_counter()
+    runner = factory(config)
+    loaded = time.perf_counter()
+    threads = ""
+    if "torch" in sys.modules:
+        threads = f"torch threads {sys.modules['torch'].get_num_threads()}"
+    ready = Ready(pid=os.getpid(), import_seconds=imported - started, load_seconds=loaded - imported, detail=threads)
+    return runner, ready
+
+
+def model_load_error() -> type[Exception] | None:
+    """The registry's load error ("this model cannot be used": not worth a retry), once imported."""
+    return getattr(sys.modules.get("engine.models"), "ModelLoadError", None)
+
+
+def check_job(config: WorkerConfig, job: Job) -> Failed | None:
+    """The engine-side validation of a job: a non-retryable Failed when its input is bad."""
+    generation = config.generation
+    try:
+        validate_job(
+            job,
+            models=config.models,
+            max_prompt_chars=generation.max_prompt_chars,
+            max_attachment_bytes=generation.max_attachment_bytes,
+            max_attachment_pixels=generation.max_attachment_pixels,
+            upscale_max_side=generation.upscale_max_side,
+        )
+    except ValidationFailed as exc:
+        return Failed(job.job_id, exc.message, retryable=False)
+    return None
+
+
+def job_failure(job_id: str, exc: BaseException, load_error: type[Exception] | None) -> Failed:
+    """What a Runner exception means for the bot: the job's fault (final) or not (retry)."""
+    if isinstance(exc, EngineError):
+        return Failed(job_id, str(exc), retryable=exc.retryable)
+    if isinstance(exc, ValidationFailed):
+        return Failed(job_id, exc.message, retryable=False)
+    if load_error is not None and isinstance(exc, load_error):
+        return Failed(job_id, f"The model cannot be loaded: {exc}", retryable=False)
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        raise exc
+    log.error("job=%s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
+    # Not known to be the job's fault (out of memory, a driver error…): let the bot retry it.
+    return Failed(job_id, f"Engine error: {type(exc).__name__}: {exc}", retryable=True)
+
+
+def image_params(config: WorkerConfig, job: Job, out: GeneratedLike, version: str) -> dict[str, Any]:
+    """The A1111-style parameters written into each image."""
+    model = job.model or config.default_model
+    params: dict[str, Any] = {
+        "prompt": job.prompt,
+        "negative": job.negative,
+        "steps": job.steps,
+        "sampler": job.sampler,
+        "cfg": job.cfg,
+        "seed": out.seed,
+        "width": out.image.width,
+        "height": out.image.height,
+        "model": model,
+    }
+    settings = config.models.get(model)
+    if isinstance(job, Text2Img):
+        if job.refiner is not False and settings is not None and settings.refiner:
+            params["refiner"] = _source_name(settings.refiner)
+            params["refiner_switch"] = config.engine.high_noise_frac
+    elif isinstance(job, Refine | Variations | Upscale):
+        params["strength"] = job.strength
+        if isinstance(job, Upscale):
+            params["upscale"] = job.factor
+    params["job_id"] = job.job_id
+    params["version"] = version
+    return params
+
+
+def encode_result(
+    config: WorkerConfig,
+    job: Job,
+    images: list[GeneratedLike],
+    *,
+    started: float,
+    compute_seconds: float,
+    version: str,
+) -> Result:
+    """Encode a finished job's images (PNG with parameters, or the size fallback) into its Result.
+    `started` is the job's perf_counter start, for `Result.seconds`."""
+    encoded = [
+        encode_image(out.image, image_params(config, job, out, version), max_bytes=job.max_image_bytes)
+        for out in images
+    ]
+    return Result(
+        job_id=job.job_id,
+        images=encoded,
+        model=job.model or config.default_model,
+        seconds=time.perf_counter() - started,
+        compute_seconds=compute_seconds,
+    )
+
+
 class Worker:
     def __init__(self, conn: Connection, config: WorkerConfig) -> None:
         self._conn = conn
@@ -210,38 +331,15 @@ class Worker:
     # ------------------------------------------------------------------ start-up
 
     def load(self) -> bool:
-        config = self._config
         try:
-            if config.engine.torch_threads > 0:
-                import torch
-
-                torch.set_num_threads(config.engine.torch_threads)
-            _thread_lock_for_tqdm()
-            started = time.perf_counter()
-            if config.runner_factory == DEFAULT_RUNNER_FACTORY:
-                importlib.import_module("engine.pipelines")  # torch + diffusers: timed apart
-            factory = _resolve(config.runner_factory)
-            imported = time.perf_counter()
-            self._runner = factory(config)
-            loaded = time.perf_counter()
+            self._runner, ready = load_runner(self._config)
         except BaseException as exc:
             log.error("engine start-up failed:\n%s", traceback.format_exc())
             self.send(Fatal(f"{type(exc).__name__}: {exc}"))
             return False
-        # The registry's load error means "this model cannot be used": not worth a retry.
-        self._model_load_error = getattr(sys.modules.get("engine.models"), "ModelLoadError", None)
-        threads = ""
-        if "torch" in sys.modules:
-            threads = f"torch threads {sys.modules['torch'].get_num_threads()}"
-        self.send(
-            Ready(
-                pid=os.getpid(),
-                import_seconds=imported - started,
-                load_seconds=loaded - imported,
-                detail=threads,
-            )
-        )
-        log.info("engine ready in %.2f s (%s)", loaded - started, threads)
+        self._model_load_error = model_load_error()
+        self.send(ready)
+        log.info("engine ready in %.2f s (%s)", ready.import_seconds + ready.load_seconds, ready.detail)
         return True
 
     # ------------------------------------------------------------------ jobs
@@ -315,32 +413,10 @@ class Worker:
         self._encode_queue.put(_Finished(job, list(images), started, compute, stats))
 
     def _check(self, job: Job) -> Failed | None:
-        generation = self._config.generation
-        try:
-            validate_job(
-                job,
-                models=self._config.models,
-                max_prompt_chars=generation.max_prompt_chars,
-                max_attachment_bytes=generation.max_attachment_bytes,
-                max_attachment_pixels=generation.max_attachment_pixels,
-                upscale_max_side=generation.upscale_max_side,
-            )
-        except ValidationFailed as exc:
-            return Failed(job.job_id, exc.message, retryable=False)
-        return None
+        return check_job(self._config, job)
 
     def _failure(self, job_id: str, exc: BaseException) -> Failed:
-        if isinstance(exc, EngineError):
-            return Failed(job_id, str(exc), retryable=exc.retryable)
-        if isinstance(exc, ValidationFailed):
-            return Failed(job_id, exc.message, retryable=False)
-        if self._model_load_error is not None and isinstance(exc, self._model_load_error):
-            return Failed(job_id, f"The model cannot be loaded: {exc}", retryable=False)
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise exc
-        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-        # Not known to be the job's fault (out of memory, a driver error…): let the bot retry it.
-        return Failed(job_id, f"Engine error: {type(exc).__name__}: {exc}", retryable=True)
+        return job_failure(job_id, exc, self._model_load_error)
 
     # ------------------------------------------------------------------ results
 
@@ -352,22 +428,19 @@ class Worker:
             started = time.perf_counter()
             job = item.job
             try:
-                images = [
-                    encode_image(out.image, self.image_params(job, out), max_bytes=job.max_image_bytes)
-                    for out in item.images
-                ]
+                result = encode_result(
+                    self._config,
+                    job,
+                    item.images,
+                    started=item.started,
+                    compute_seconds=item.compute_seconds,
+                    version=self._version,
+                )
             except Exception as exc:
-                log.error("encoding job %s failed:\n%s", job.job_id, traceback.format_exc())
+                log.error("job=%s encoding failed:\n%s", job.job_id, traceback.format_exc())
                 self.send(Failed(job.job_id, f"Encoding failed: {exc}", retryable=True))
                 continue
             finished = time.perf_counter()
-            result = Result(
-                job_id=job.job_id,
-                images=images,
-                model=job.model or self._config.default_model,
-                seconds=finished - item.started,
-                compute_seconds=item.compute_seconds,
-            )
             stats = JobStats(
                 job_id=job.job_id,
                 compute_seconds=item.compute_seconds,
@@ -378,30 +451,7 @@ class Worker:
 
     def image_params(self, job: Job, out: GeneratedLike) -> dict[str, Any]:
         """The A1111-style parameters written into each image."""
-        model = job.model or self._config.default_model
-        params: dict[str, Any] = {
-            "prompt": job.prompt,
-            "negative": job.negative,
-            "steps": job.steps,
-            "sampler": job.sampler,
-            "cfg": job.cfg,
-            "seed": out.seed,
-            "width": out.image.width,
-            "height": out.image.height,
-            "model": model,
-        }
-        settings = self._config.models.get(model)
-        if isinstance(job, Text2Img):
-            if job.refiner is not False and settings is not None and settings.refiner:
-                params["refiner"] = _source_name(settings.refiner)
-                params["refiner_switch"] = self._config.engine.high_noise_frac
-        elif isinstance(job, Refine | Variations | Upscale):
-            params["strength"] = job.strength
-            if isinstance(job, Upscale):
-                params["upscale"] = job.factor
-        params["job_id"] = job.job_id
-        params["version"] = self._version
-        return params
+        return image_params(self._config, job, out, self._version)
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
@@ -435,4 +485,16 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         os._exit(code)
 
 
-__all__ = ["RunnerLike", "Worker", "build_runner", "worker_main"]
+__all__ = [
+    "RunnerLike",
+    "Worker",
+    "build_runner",
+    "check_job",
+    "encode_result",
+    "image_params",
+    "job_failure",
+    "load_runner",
+    "model_load_error",
+    "set_torch_threads",
+    "worker_main",
+]

@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.answer import first_response
 from bot.commands.common import own_jobs_autocomplete
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class Account(commands.Cog):
     @app_commands.describe(job="The job id (shown as Job <id>)")
     @app_commands.autocomplete(job=own_jobs_autocomplete)
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
+        # Cancelling writes to the database, which may queue behind a burst: keep the 3 s guarantee.
+        first_response(interaction)
         await self.bot.requests.cancel_command(interaction, job, as_moderator=False)
 
     @app_commands.command(name="job", description="Post a finished job's result again, with its buttons")

@@ -171,9 +171,10 @@ class MemoryJobStore:
         self._maybe_fail("mark_cancelled")
         return self._move(job_id, "cancelled")
 
-    async def requeue(self, job_id: str, error: str) -> FakeJobRecord:
+    async def requeue(self, job_id: str, error: str, *, attempt_used: bool = True) -> FakeJobRecord:
         self._maybe_fail("requeue")
-        return self._move(job_id, "queued", error=error)
+        attempts = self.records[job_id].attempts - (0 if attempt_used else 1)
+        return self._move(job_id, "queued", error=error, attempts=max(0, attempts))
 
     async def recover_detailed(self, max_attempts: int = 3) -> FakeRecovery:
         requeued, failed = [], []
@@ -206,6 +207,7 @@ class FakeEngine:
         self,
         *,
         slots: int = 1,
+        prefetch: int = 0,
         steps: int = 2,
         crash_attempts: dict[str, int] | None = None,
         crash_submissions: Iterable[int] = (),
@@ -216,6 +218,7 @@ class FakeEngine:
         compute_seconds: float = 2.0,
     ) -> None:
         self.slots = slots
+        self.prefetch = prefetch  # the fake runs prefetched jobs at once (it has no queue of its own)
         self.steps = steps
         self.crash_attempts = dict(crash_attempts or {})  # job id -> how many attempts crash
         self.crash_submissions = set(crash_submissions)  # 1-based submission numbers that crash

@@ -333,6 +333,67 @@ async def test_slots_run_jobs_concurrently() -> None:
     assert engine.max_running == 3 and all(store.records[f"J{i}"].status == "done" for i in range(5))
 
 
+async def test_the_next_job_starts_while_the_last_one_is_stored() -> None:
+    """The slot frees when the engine's result arrives: storing and posting overlap the next job,
+    and at most 2 × slots jobs are in flight however slow finishing is."""
+    gate = asyncio.Event()
+
+    class SlowDoneStore(MemoryJobStore):
+        async def mark_done(self, job_id: str, **kwargs: Any) -> FakeJobRecord:
+            await gate.wait()
+            return await super().mark_done(job_id, **kwargs)
+
+    store, engine = SlowDoneStore(), FakeEngine(slots=1)
+    sched = make_scheduler(store, engine)
+    await sched.start()
+    for name in "ABC":
+        await add(store, sched, name, 1)
+    await until(lambda: engine.submitted == ["A", "B"])
+    await asyncio.sleep(0.05)
+    assert engine.submitted == ["A", "B"]  # A and B are finishing: C waits for one of them
+    assert [store.records[n].status for n in "ABC"] == ["running", "running", "queued"]
+    gate.set()
+    await until(lambda: all(store.records[n].status == "done" for n in "ABC"))
+    await sched.stop(0)
+    assert engine.max_running == 1 and engine.overlaps == 0
+
+
+async def test_an_engine_with_prefetch_gets_the_next_job_ahead() -> None:
+    store, engine = MemoryJobStore(), FakeEngine(slots=1, prefetch=1, hold_after=0)
+    sched = make_scheduler(store, engine)
+    await sched.start()
+    for name in "ABC":
+        await add(store, sched, name, 1)
+    await until(lambda: engine.submitted == ["A", "B"])
+    await asyncio.sleep(0.05)
+    assert engine.submitted == ["A", "B"] and store.records["C"].status == "queued"
+    engine.release()
+    await until(lambda: all(store.records[n].status == "done" for n in "ABC"))
+    await sched.stop(0)
+
+
+async def test_the_local_engine_starts_the_prefetched_job_back_to_back(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Through the real engine process: the next job waits in the worker, so it starts the moment
+    the previous job's compute ends (no hand-over by the bot in between)."""
+    from bot.harness import tiny_settings
+    from engine.client import LocalEngineClient
+
+    config = tiny_settings(tiny_model_dir, tmp_path, engine={"preview_every": 0})
+    engine = LocalEngineClient(config)
+    store = MemoryJobStore()
+    sched = make_scheduler(store, engine)  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        await sched.start()
+        for i in range(3):
+            await add(store, sched, f"J{i}", i)
+        await until(lambda: all(store.records[f"J{i}"].status == "done" for i in range(3)), timeout=120)
+        await sched.stop(0)
+    finally:
+        await engine.close()
+    assert [s.back_to_back for s in engine.stats] == [False, True, True]
+
+
 async def test_positions_etas_views_and_estimator() -> None:
     store = MemoryJobStore()
     engine = FakeEngine(slots=1, hold=["H"], compute_seconds=4.0)

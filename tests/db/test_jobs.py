@@ -246,6 +246,9 @@ async def test_messages_lists_and_stats(jobs: JobStore, quotas: QuotaStore, cloc
     assert (rec.status_message_id, rec.result_message_id) == (11, 12)
     with pytest.raises(JobNotFound):
         await jobs.set_messages("NOPE0000", status_message_id=1)
+    await jobs.set_status_messages({"A2": 21, "B1": 22})  # a burst's cards, one transaction
+    await jobs.set_status_messages({})
+    assert [(await jobs.get(i)).status_message_id for i in ("A1", "A2", "B1", "DM")] == [11, 21, 22, None]  # type: ignore[union-attr]
 
     clock.advance(10)
     await jobs.mark_running("A1")  # waited 13 s
@@ -287,8 +290,11 @@ def job_fields(job_id: str, cost: float = 1, user: int = U) -> dict[str, object]
 
 async def test_enqueue_reserves_and_records_atomically(jobs: JobStore, quotas: QuotaStore) -> None:
     await quotas.set_user_limit(G, U, 3)
-    rec = await jobs.enqueue(quotas, **job_fields("E1", cost=2))  # type: ignore[arg-type]
+    admitted = await jobs.enqueue(quotas, **job_fields("E1", cost=2))  # type: ignore[arg-type]
+    assert not isinstance(admitted, Refusal)
+    rec, reservation = admitted
     assert isinstance(rec, JobRecord) and rec.status == "queued"
+    assert (reservation.job_id, reservation.used, reservation.remaining) == ("E1", 2, 1)
     refused = await jobs.enqueue(quotas, **job_fields("E2", cost=2))  # type: ignore[arg-type]
     assert isinstance(refused, Refusal) and refused.remaining == 1
     assert await jobs.get("E2") is None  # a refusal records nothing
@@ -296,7 +302,7 @@ async def test_enqueue_reserves_and_records_atomically(jobs: JobStore, quotas: Q
         await jobs.enqueue(quotas, **job_fields("E1", cost=1))  # type: ignore[arg-type]
     assert (await quotas.status(G, U)).used == 2  # the duplicate's reservation was rolled back
     exempt = await jobs.enqueue(quotas, **job_fields("E3", cost=50), role_ids=[1], exempt=True)  # type: ignore[arg-type]
-    assert isinstance(exempt, JobRecord)
+    assert not isinstance(exempt, Refusal) and exempt[1].remaining is None
 
 
 async def test_concurrent_enqueue_creates_exactly_the_room(jobs: JobStore, quotas: QuotaStore) -> None:
@@ -304,7 +310,7 @@ async def test_concurrent_enqueue_creates_exactly_the_room(jobs: JobStore, quota
     results = await asyncio.gather(
         *(jobs.enqueue(quotas, **job_fields(f"K{i:02d}")) for i in range(50))  # type: ignore[arg-type]
     )
-    assert sum(isinstance(r, JobRecord) for r in results) == 3
+    assert sum(not isinstance(r, Refusal) for r in results) == 3
     assert len(await jobs.list_for_user(G, U, ["queued"])) == 3
     assert (await quotas.status(G, U)).used == 3
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from db.moderation import InvalidPattern, ModerationStore, validate_pattern
+from db.quotas import QuotaStore
 from db.session import Database
 from tests.db.conftest import FakeClock
 
@@ -97,3 +101,69 @@ async def test_user_default_model(mod: ModerationStore) -> None:
     assert await mod.get_user_default_model(U) == "juggernaut"
     await mod.set_user_default_model(U, None)
     assert await mod.get_user_default_model(U) is None
+
+
+async def test_reads_are_cached_and_own_writes_seen_at_once(db: Database, clock: FakeClock) -> None:
+    mod, other = ModerationStore(db, clock=clock), ModerationStore(db, clock=clock)
+    assert await mod.get_ban(G, U) is None
+    assert (await mod.get_settings(G)).default_model is None
+    assert await mod.matching_pattern(G, "gore") is None
+    assert await mod.get_user_default_model(U) is None
+    # Another process's writes (here: another store) are not seen: the reads above were cached.
+    await other.ban(G, U, reason="x")
+    await other.set_default_model(G, "other")
+    await other.add_pattern(G, "gore")
+    await other.set_user_default_model(U, "other")
+    assert await mod.get_ban(G, U) is None
+    assert (await mod.get_settings(G)).default_model is None
+    assert await mod.matching_pattern(G, "gore") is None
+    assert await mod.get_user_default_model(U) is None
+    # Its own writes are seen at once (and bring the other process's rows with them).
+    await mod.ban(G, U + 1)
+    await mod.set_priority_roles(G, [5])
+    await mod.add_pattern(G, "blood")
+    await mod.set_user_default_model(U, "mine")
+    assert {b.user_id for b in await mod.list_bans(G)} == {U, U + 1}
+    assert await mod.get_ban(G, U) is not None and await mod.get_ban(G, U + 1) is not None
+    assert (await mod.get_settings(G)).default_model == "other"
+    assert await mod.matching_pattern(G, "so much BLOOD and gore") == "gore"
+    assert await mod.get_user_default_model(U) == "mine"
+    await mod.unban(G, U)
+    assert await mod.get_ban(G, U) is None
+
+
+async def test_a_cache_ttl_sees_other_processes_writes(db: Database, clock: FakeClock) -> None:
+    mod, other = ModerationStore(db, clock=clock, cache_ttl=0.05), ModerationStore(db, clock=clock)
+    assert await mod.get_ban(G, U) is None
+    await other.ban(G, U, reason="x")
+    await asyncio.sleep(0.06)
+    ban = await mod.get_ban(G, U)
+    assert ban is not None and ban.reason == "x"
+
+
+async def test_a_read_overlapping_a_write_is_not_cached(db: Database, clock: FakeClock) -> None:
+    mod = ModerationStore(db, clock=clock)
+    release = asyncio.Event()
+    real_read = mod._read_bans
+
+    async def slow_read(guild_id: int) -> dict[int, Any]:
+        bans = await real_read(guild_id)  # reads "no bans"
+        await release.wait()
+        return bans
+
+    mod._read_bans = slow_read  # type: ignore[method-assign]
+    reading = asyncio.create_task(mod.get_ban(G, U))
+    await asyncio.sleep(0.05)
+    mod._read_bans = real_read  # type: ignore[method-assign]
+    await mod.ban(G, U)
+    release.set()
+    assert await reading is None  # what it read before the ban
+    assert await mod.get_ban(G, U) is not None  # but that stale read was not kept
+
+
+async def test_the_quota_stores_default_limit_write_drops_the_cached_settings(db: Database, clock: FakeClock) -> None:
+    mod = ModerationStore(db, clock=clock)
+    quotas = QuotaStore(db, clock=clock, settings_written=mod.guild_settings_written)
+    assert (await mod.get_settings(G)).default_quota_limit is None
+    await quotas.set_default_limit(G, 40)
+    assert (await mod.get_settings(G)).default_quota_limit == 40

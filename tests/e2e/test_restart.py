@@ -95,6 +95,15 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             assert (await jobs.get(reroll_id)).owner_id == carol.id  # type: ignore[union-attr]
             every["reroll"] = reroll_id
 
+            async def posted_and_recorded() -> bool:
+                # The result message's id is stored right after the post the test just saw.
+                found = [await jobs.get(job_id) for job_id in every.values()]
+                return all(r is not None and r.result_message_id is not None for r in found)
+
+            for _ in range(200):
+                if await posted_and_recorded():
+                    break
+                await asyncio.sleep(0.05)
             records = {name: await jobs.get(job_id) for name, job_id in every.items()}
             for name, record in records.items():
                 assert record is not None and record.status == "done", name

@@ -93,7 +93,10 @@ async def test_start_and_health(client: LocalEngineClient) -> None:
 
 async def test_job_streams_progress_then_result(client: LocalEngineClient) -> None:
     progress, result = await collect(client.submit(job("j1", steps=4, count=2, seed=9)))
-    assert [p.step for p in progress] == [1, 2, 3, 4]
+    # Started (step 0), the steps, then "encode": the compute is over, the slot is free while the
+    # images are encoded.
+    assert [p.step for p in progress] == [0, 1, 2, 3, 4, 4]
+    assert (progress[0].phase, progress[1].phase, progress[-1].phase) == ("load", "base", "encode")
     assert any(p.preview for p in progress)
     assert result.job_id == "j1" and result.model == "tiny"
     assert [image.seed for image in result.images] == [9, 10]

@@ -1,0 +1,104 @@
+"""End to end: `/generate` through the sandbox, the bot, the scheduler, the engine process and the
+result post, against a bare diffusers loop doing the same jobs (run with
+``.venv/bin/pytest -m bench tests/bench/test_e2e_bench.py -s``).
+
+The jobs are those of tests/bench/test_engine_bench.py (tiny SDXL 256², 20 steps base→refiner,
+DPM++ 2M Karras, a prompt and negative of their own each, one torch thread a side). A block of
+BLOCK members each send one `/generate` at once; the block ends when the last result is posted in
+the channel (images encoded, saved to the output folder, uploaded). Blocks alternate with blocks
+of the bare loop (which runs in a thread, so the bot stays connected), and each round's ratio
+compares the two blocks of that round. Also printed: the engine worker's idle gap between
+consecutive jobs (the time the bot needs to hand it the next job), goal < 5 ms median.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.harness import Studio, job_id_of, open_studio, tiny_settings
+from tests.bench import report
+from tests.bench.test_engine_bench import CFG, SIZE, STEPS, BareLoop, bare, texts
+
+pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
+
+BLOCK = 4
+ROUNDS = int(os.environ.get("ATELIER_BENCH_ROUNDS", "6"))
+GOAL_RATIO = 0.97
+GOAL_IDLE = 0.005
+
+
+async def through_the_bot(studio: Studio, name: str, seeds: list[int]) -> float:
+    started = time.perf_counter()
+    job_ids = []
+    for index, seed in enumerate(seeds):
+        prompt, negative = texts(name, seed)
+        member = studio.new_member(f"{name}-{index}")
+        options = {
+            "prompt": prompt, "negative": negative, "aspect": f"{SIZE}", "steps": STEPS, "cfg": CFG,
+            "seed": seed, "sampler": "dpmpp_2m_karras", "refiner": True,
+        }  # fmt: skip
+        inter = await studio.command(member, "generate", options)
+        job_ids.append(job_id_of(inter))
+    results = await asyncio.gather(*(studio.result_of(job_id, timeout=600) for job_id in job_ids))
+    elapsed = time.perf_counter() - started
+    assert all(len(message.attachments) == 1 for message in results)
+    return elapsed
+
+
+async def test_end_to_end_throughput_against_bare_diffusers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(
+        tiny_model_dir,
+        tmp_path,
+        generation={"aspects": {f"{SIZE}": f"{SIZE}x{SIZE}"}, "default_steps": STEPS},
+        engine={"preview_every": 0, "channels_last": False, "torch_threads": 1, "dtype": "fp32"},
+        queue={"per_user_cap": 10, "global_cap": 1000},
+        quota={"default_limit": 1e6},
+        logging={"level": "ERROR"},
+    )
+    loop = BareLoop(tiny_model_dir, settings.engine.high_noise_frac)
+    times: dict[str, list[float]] = {"bare": [], "bot": []}
+    async with open_studio(settings) as studio:
+        engine = studio.bot.services.engine.inner  # type: ignore[attr-defined]
+        await asyncio.to_thread(bare, loop, "warm-bare", [1, 2])
+        await through_the_bot(studio, "warm", [1, 2])
+        gaps: list[float] = []
+        for round_index in range(ROUNDS):
+            seeds = [1000 * round_index + i for i in range(BLOCK)]
+            order = ("bare", "bot") if round_index % 2 == 0 else ("bot", "bare")
+            for side in order:
+                if side == "bare":
+                    times[side].append(await asyncio.to_thread(bare, loop, side, seeds))
+                else:
+                    engine.stats.clear()
+                    times[side].append(await through_the_bot(studio, f"r{round_index}", seeds))
+                    # The gaps inside the block: the first job waited for the block to start.
+                    gaps += [s.idle_seconds for s in list(engine.stats)[1:] if s.idle_seconds is not None]
+
+    ratios = [b / e for b, e in zip(times["bare"], times["bot"], strict=True)]
+    ratio = statistics.median(ratios)
+    idle = statistics.median(gaps) if gaps else float("nan")
+    print()
+    print(
+        f"tiny SDXL {SIZE}², {STEPS} steps base→refiner, {ROUNDS} rounds × {BLOCK} members at once; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    for side, values in times.items():
+        blocks = ", ".join(f"{t:.2f}" for t in values)
+        print(f"{side:>5}: {BLOCK / statistics.median(values):.3f} images/s; blocks {blocks}")
+    print(f"end to end ÷ bare: median {ratio:.3f} (rounds {min(ratios):.2f}–{max(ratios):.2f}), goal ≥ {GOAL_RATIO}")
+    print(f"engine idle gap between consecutive jobs: median {idle * 1000:.1f} ms over {len(gaps)}, goal < 5 ms")
+    report.record(
+        "end to end", "bot + scheduler + engine + sandbox ÷ bare diffusers",
+        f"{ratio:.3f} ({min(ratios):.2f}–{max(ratios):.2f})", f"≥ {GOAL_RATIO}", ratio >= GOAL_RATIO,
+    )  # fmt: skip
+    report.record(
+        "end to end", "engine idle gap between consecutive jobs, median",
+        f"{idle * 1000:.1f} ms", "< 5 ms", idle < GOAL_IDLE,
+    )  # fmt: skip
+    assert gaps and all(t > 0 for t in times["bot"])
