@@ -253,7 +253,12 @@ class JobRequests:
             # The job is queued and will post its result in the channel anyway.
             log.warning("job=%s queue card not sent: %s %s", record.id, exc.status, exc.text)
             return
-        await self.services.delivery.set_status_message(record.id, message_id)
+        try:
+            await self.services.delivery.set_status_message(record.id, message_id)
+        except Exception:
+            # The member has their card and the job is queued; only after a restart would the
+            # card no longer be edited (the result is posted all the same).
+            log.warning("job=%s queue card id not saved", record.id, exc_info=True)
         log.info("job=%s accepted kind=%s user=%s cost=%.2f", record.id, job.kind, interaction.user.id, record.cost)
 
     async def _admit(

@@ -228,6 +228,9 @@ def describe_images(record: JobRecordLike, result: Result) -> list[dict[str, Any
     ]
 
 
+# Pauses before trying a job's final store write again (then it is left to start-up recovery).
+WRITE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
 # --------------------------------------------------------------------------- running state
 class _Running:
     def __init__(self, entry: QueueEntry, started_at: float) -> None:
@@ -802,15 +805,23 @@ class Scheduler(Generic[R]):
 
     # ------------------------------------------------------------------ store writes
     async def _write(self, st: _Running, what: str, call: Callable[[], Awaitable[R]]) -> R | None:
+        """A job's final write. A store that is down or locked for a while (SQLite past its busy
+        timeout) is tried again with a growing pause, so the job still ends instead of staying
+        "running" with its units reserved until a restart; when stopping, recovery does it."""
         if st.settled:
             return None
-        try:
-            record = await call()
-        except Exception:
-            log.exception("job=%s %s failed in the store", st.job_id, what)
-            return None
-        st.settled = True
-        return record
+        for attempt, pause in enumerate((*WRITE_RETRY_PAUSES, None), start=1):
+            try:
+                record = await call()
+            except Exception:
+                log.exception("job=%s %s failed in the store (try %d)", st.job_id, what, attempt)
+                if pause is None or self._stopping:
+                    return None
+                await asyncio.sleep(pause)
+            else:
+                st.settled = True
+                return record
+        return None
 
     async def _settle_done(self, st: _Running, result: Result) -> None:
         try:
@@ -847,9 +858,9 @@ class Scheduler(Generic[R]):
     async def _settle_requeue(self, st: _Running, error: str, *, back_in_line: bool) -> None:
         """running → queued in the store; with ``back_in_line`` also to the front of its band
         here (otherwise it resumes from the store after a restart)."""
-        # A prefetched job interrupted while it still waited inside the engine never ran: its
-        # attempt does not count against max_attempts.
-        used = st.engine_started or not self._prefetch()
+        # A prefetched job interrupted by a shutdown while it still waited inside the engine never
+        # ran: that attempt does not count against max_attempts (an engine failure always does).
+        used = st.engine_started or not self._prefetch() or back_in_line
         record = await self._write(st, "requeue", lambda: self._store.requeue(st.job_id, error, attempt_used=used))
         if record is None or not back_in_line or self._stopping:
             return

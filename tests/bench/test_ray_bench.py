@@ -5,7 +5,7 @@ Run: .venv/bin/pytest -m bench tests/bench/test_ray_bench.py -s
 Both sides run the real engine on the tiny model (256², base → refiner, DPM++ 2M Karras, fp32 on
 the CPU) with ONE torch thread per worker: the local side is one engine process, the Ray side a
 local Ray with two CPU replicas (num_gpus=0, num_cpus=1), i.e. one "GPU" each. Both are driven by
-the same dispatcher, the bot scheduler's rule (see `dispatch_block`). The Ray side's throughput
+the same dispatcher, the bot scheduler's rule (tests/bench/dispatch.py). The Ray side's throughput
 over the local side's shows whether the dispatcher keeps every replica busy (goal ≥ 1.8× with
 2 replicas; 2× is the ceiling).
 
@@ -23,8 +23,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,9 @@ import pytest
 
 from config.settings import Settings, load_settings
 from engine.client import LocalEngineClient
-from engine.spec import EngineClient, Progress, Result, Text2Img
+from engine.spec import EngineClient, Text2Img
 from tests.bench import report
+from tests.bench.dispatch import dispatch_block
 
 pytestmark = pytest.mark.bench
 
@@ -90,34 +89,8 @@ def job(side: str, index: int, seed: int) -> Text2Img:
     )
 
 
-async def dispatch_block(client: EngineClient, side: str, seeds: list[int]) -> float:
-    """The scheduler's rule: a job holds a slot until its "encode" Progress (its images are then
-    encoded beside the next job) or its Result, and an engine with `prefetch` gets that many more
-    jobs per slot ahead (the local engine: 1, waiting in the worker; Ray replicas: 0)."""
-    pending = deque(job(side, index, seed) for index, seed in enumerate(seeds))
-    wake = asyncio.Event()
-    holding = 0
-
-    async def consume(spec: Text2Img) -> None:
-        nonlocal holding
-        freed = False
-        async for item in client.submit(spec):
-            if not freed and (isinstance(item, Result) or (isinstance(item, Progress) and item.phase == "encode")):
-                freed = True
-                holding -= 1
-                wake.set()
-
-    started = time.perf_counter()
-    consumers: list[asyncio.Task[None]] = []
-    while pending:
-        wake.clear()
-        while pending and holding < client.slots * (1 + getattr(client, "prefetch", 0)):
-            holding += 1
-            consumers.append(asyncio.create_task(consume(pending.popleft())))
-        if pending:
-            await wake.wait()
-    await asyncio.gather(*consumers)
-    return time.perf_counter() - started
+async def dispatch_side(client: EngineClient, side: str, seeds: list[int]) -> float:
+    return await dispatch_block(client, (job(side, index, seed) for index, seed in enumerate(seeds)))
 
 
 @pytest.fixture(scope="module")
@@ -165,14 +138,14 @@ async def test_ray_replicas_against_the_local_engine(
         await asyncio.gather(local.start(), remote.start())
         assert remote.slots == REPLICAS and local.slots == 1
         for name, client in sides.items():  # warm every worker (first calls pay lazy initialisation)
-            await dispatch_block(client, f"warm-{name}", list(range(2 * client.slots)))
+            await dispatch_side(client, f"warm-{name}", list(range(2 * client.slots)))
         for round_index in range(ROUNDS):
             seeds = [1000 * round_index + i for i in range(BLOCK)]
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
             for name in order:
                 remote.stats.clear()
                 local.stats.clear()
-                times[name].append(await dispatch_block(sides[name], name, seeds))
+                times[name].append(await dispatch_side(sides[name], name, seeds))
                 if name == "ray":
                     work = sum(s.compute_seconds + s.encode_seconds for s in remote.stats)
                     busy.append(work / (REPLICAS * times[name][-1]))

@@ -5,6 +5,7 @@ and no effect, even when the member's Discord client sends the command anyway (D
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,10 @@ async def test_every_mod_command_is_refused_for_a_member_who_sends_it_anyway(stu
     try:
         job_id = job_id_of(await generate(studio, victim, "keep me"))
         await mod(studio, "blocklist add", {"pattern": "drag(on|ons)"})
+        for _ in range(100):  # the queue card's id is stored just after the card is sent
+            if (record := await services.jobs.get(job_id)) is not None and record.status_message_id:
+                break
+            await asyncio.sleep(0.02)
         before = await _state(studio, member, victim, helpful.id)
         for command, options in _mod_commands(victim, helpful):
             if command == "cancel":

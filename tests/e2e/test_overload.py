@@ -68,3 +68,22 @@ async def test_a_slow_refusal_replaces_the_deferral_and_stays_ephemeral(studio: 
     status = await studio.bot.services.quotas.status(studio.guild.id, member.id)
     assert status.used == 0
     assert await studio.bot.services.jobs.list_for_user(studio.guild.id, member.id) == []
+
+
+async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(studio: Studio) -> None:
+    """With several requests unanswered, the next ones are deferred at once instead of waiting
+    for the earlier ones' database work; each then finishes in its deferred message."""
+    members = [studio.new_member(f"burst{i}") for i in range(12)]
+    inters = await asyncio.gather(
+        *(studio.sb.slash(m, studio.channel, "generate", {"prompt": f"burst {i}"}) for i, m in enumerate(members))
+    )
+    firsts = await asyncio.gather(*(inter.wait_response(3.0) for inter in inters))
+    deferred = [inter for inter, first in zip(inters, firsts, strict=True) if first.type == DEFERRED_CHANNEL_MESSAGE]
+    assert deferred and all(first.ephemeral for first in firsts if first.type == DEFERRED_CHANNEL_MESSAGE)
+    for inter in deferred:
+        await inter.wait_original(lambda m: "Your job is queued" in m.content, timeout=20)
+    records = [await studio.bot.services.jobs.list_for_user(studio.guild.id, m.id) for m in members]
+    assert all(len(jobs) == 1 for jobs in records)
+    public = studio.sb.channel_messages(studio.channel, include_ephemeral=False)
+    for jobs in records:  # the queue card (Queued, then Running, Done): the only message naming the job
+        assert sum(f"Job `{jobs[0].id}`" in m.content for m in public) == 1
