@@ -2,7 +2,7 @@
 
 A request answers itself as soon as it knows the outcome (a public queue card or an ephemeral
 refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
-the interaction (ephemeral "thinking…") 2 s after it was created; the request then finishes in
+the interaction (ephemeral "thinking…") 1.5 s after it was created; the request then finishes in
 that deferred message: a refusal replaces it, and an accepted job's public queue card is posted in
 the channel with the bot token (which also keeps working after the 15-minute interaction token)
 while the deferred message points to it. A lock makes the timer and the request never both
@@ -19,7 +19,9 @@ import discord
 
 log = logging.getLogger(__name__)
 
-DEFER_AFTER_SECONDS = 2.0
+# Half of Discord's 3 s: the deferral itself still arrives in time when the event loop lags by
+# up to 1.5 s (seen under the 500-member load test with 2.0 here: one answer past 3 s).
+DEFER_AFTER_SECONDS = 1.5
 # Under a burst, answering each request in full would make the later ones wait for all the
 # earlier ones: when this many requests are already unanswered, or the interaction already
 # waited this long to reach us, it is deferred at once and finishes in its deferred message.

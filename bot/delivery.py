@@ -335,16 +335,13 @@ class Delivery:
         return message
 
     async def _remember_post(self, record: JobRecord, message: discord.Message) -> None:
-        current = await self.services.jobs.get(record.id)
-        images = [dict(i) for i in (current.images if current else record.images)]
+        images = [dict(i) for i in record.images]
         by_name = {a.filename: a.url for a in message.attachments}
         for index, entry in enumerate(images):
             url = by_name.get(_filename(record.id, index, entry.get("format", "png")))
             if url:
                 entry["url"] = url
-        await self.services.jobs.set_messages(record.id, result_message_id=message.id)
-        if images:
-            await self.services.jobs.set_images(record.id, images)
+        await self.services.jobs.record_post(record.id, message.id, images)
 
     async def _stored_images(self, record: JobRecord) -> list[ImageOut]:
         images = []

@@ -509,6 +509,14 @@ class JobStore:
             for job_id, mid in message_ids.items():  # shared mode: tell the dispatcher (no-op otherwise)
                 await self._notify(s, "card", job_id, message_id=mid)
 
+    async def record_post(self, job_id: str, message_id: int, images: list[dict[str, Any]]) -> JobRecord:
+        """A result was posted: its message id and the image list (with the attachment URLs), in
+        one transaction."""
+        async with self.db.session() as s:
+            row = await self._locked(s, job_id)
+            row.result_message_id, row.images = message_id, [dict(i) for i in images]
+            return JobRecord.from_row(row)
+
     async def set_images(self, job_id: str, images: list[dict[str, Any]]) -> JobRecord:
         """Replace a finished job's image list, e.g. to add the attachment URLs once posted."""
         async with self.db.session() as s:
