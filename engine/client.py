@@ -65,6 +65,7 @@ from engine.protocol import (
     WorkerConfig,
 )
 from engine.spec import EngineError, EngineHealth, Job, JobCancelled, Progress, Result
+from engine.stream import JobStream
 from engine.worker import worker_main
 
 log = logging.getLogger("atelier.engine.client")
@@ -94,40 +95,6 @@ class _JobState:
     total_steps: int = 0  # of the last Progress, repeated by the "encode" one
 
 
-class _JobStream:
-    """The async iterator `submit` returns: Progress items, then the Result (or an exception)."""
-
-    def __init__(self, client: LocalEngineClient, state: _JobState | None, error: BaseException | None = None) -> None:
-        self._client = client
-        self._state = state
-        self._error = error
-        self._done = False
-
-    def __aiter__(self) -> _JobStream:
-        return self
-
-    async def __anext__(self) -> Progress | Result:
-        if self._done:
-            raise StopAsyncIteration
-        if self._error is not None:
-            self._done = True
-            raise self._error
-        assert self._state is not None
-        item = await self._state.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if isinstance(item, Result):
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        """Stop listening; a job still queued or running is cancelled."""
-        if not self._done and self._state is not None and not self._state.finished:
-            await self._client.cancel(self._state.job.job_id)
-        self._done = True
-
-
 class LocalEngineClient:
     """One engine child process on this machine (see the module docstring)."""
 
@@ -143,14 +110,7 @@ class LocalEngineClient:
         shutdown_timeout: float = 15.0,
     ) -> None:
         self._settings = settings
-        self._config = WorkerConfig(
-            models=dict(settings.models),
-            default_model=settings.default_model,
-            engine=settings.engine,
-            generation=settings.generation,
-            runner_factory=runner_factory,
-            log_level=settings.logging.level,
-        )
+        self._config = WorkerConfig.from_settings(settings, runner_factory)
         self.shutdown_timeout = shutdown_timeout
         self._context = multiprocessing.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -201,17 +161,17 @@ class LocalEngineClient:
         """Queue `job`; the iterator yields Progress then one Result, or raises EngineError /
         JobCancelled. The job is registered (and cancellable) as soon as this returns."""
         if self._closed:
-            return _JobStream(self, None, EngineError("The engine is shut down.", retryable=True))
+            return JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True))
         self._bind_loop()
         if job.job_id in self._jobs:
-            return _JobStream(self, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
+            return JobStream(self.cancel, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
         state = _JobState(job)
         self._jobs[job.job_id] = state
         if self._ready:
             self._send_job(state)
         else:
             self._start_in_background()
-        return _JobStream(self, state)
+        return JobStream(self.cancel, state)
 
     async def cancel(self, job_id: str) -> bool:
         state = self._jobs.get(job_id)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from config.settings import EngineSettings, GenerationSettings, ModelSettings
+from config.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
 from engine.spec import Job, Progress, Result
 
 # "module:function" building the Runner in the child; tests may name a stand-in.
@@ -47,6 +47,18 @@ class WorkerConfig:
     generation: GenerationSettings
     runner_factory: str = DEFAULT_RUNNER_FACTORY
     log_level: str = "INFO"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, runner_factory: str = DEFAULT_RUNNER_FACTORY) -> WorkerConfig:
+        """What an engine process or a Ray replica is built with."""
+        return cls(
+            models=dict(settings.models),
+            default_model=settings.default_model,
+            engine=settings.engine,
+            generation=settings.generation,
+            runner_factory=runner_factory,
+            log_level=settings.logging.level,
+        )
 
 
 # ---------------------------------------------------------------------------- parent → child

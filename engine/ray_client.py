@@ -48,6 +48,7 @@ from typing import Any, Literal
 from config.settings import Settings
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats
 from engine.spec import EngineError, EngineHealth, Job, JobCancelled, Progress, Result
+from engine.stream import JobStream
 
 log = logging.getLogger("atelier.engine.ray_client")
 
@@ -70,40 +71,6 @@ class _Call:
     last: Progress | None = None
     cancel_requested: bool = False
     finished: bool = False  # the iterator got its last item
-
-
-class _JobStream:
-    """What `submit` returns: Progress items, then the Result (or an exception)."""
-
-    def __init__(self, client: RayEngineClient, call: _Call | None, error: BaseException | None = None) -> None:
-        self._client = client
-        self._call = call
-        self._error = error
-        self._done = False
-
-    def __aiter__(self) -> _JobStream:
-        return self
-
-    async def __anext__(self) -> Progress | Result:
-        if self._done:
-            raise StopAsyncIteration
-        if self._error is not None:
-            self._done = True
-            raise self._error
-        assert self._call is not None
-        item = await self._call.queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if isinstance(item, Result):
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        """Stop listening; a job still waiting or running is cancelled."""
-        if not self._done and self._call is not None and not self._call.finished:
-            await self._client.cancel(self._call.job.job_id)
-        self._done = True
 
 
 class RayEngineClient:
@@ -171,10 +138,10 @@ class RayEngineClient:
 
     def submit(self, job: Job) -> AsyncIterator[Progress | Result]:
         if self._closed:
-            return _JobStream(self, None, EngineError("The engine is shut down.", retryable=True))
+            return JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True))
         self._bind_loop()
         if job.job_id in self._jobs:
-            return _JobStream(self, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
+            return JobStream(self.cancel, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
         call = _Call(job)
         self._jobs[job.job_id] = call
         self._waiting.append(call)
@@ -184,7 +151,7 @@ class RayEngineClient:
             # Started in the background; a start that fails fails the waiting jobs (retried at the next submit).
             self._start_task = asyncio.get_running_loop().create_task(self._connect())
             self._start_task.add_done_callback(_retrieve_exception)
-        return _JobStream(self, call)
+        return JobStream(self.cancel, call)
 
     async def cancel(self, job_id: str) -> bool:
         call = self._jobs.get(job_id)

@@ -144,18 +144,6 @@ class AtelierReplica:
         send(Done(result, stats))
 
 
-def worker_config(settings: Settings, runner_factory: str = DEFAULT_RUNNER_FACTORY) -> WorkerConfig:
-    """What every replica is built with (the same as the local engine process gets)."""
-    return WorkerConfig(
-        models=dict(settings.models),
-        default_model=settings.default_model,
-        engine=settings.engine,
-        generation=settings.generation,
-        runner_factory=runner_factory,
-        log_level=settings.logging.level,
-    )
-
-
 def build_app(config: WorkerConfig, engine: EngineSettings | None = None) -> Any:
     """The Serve application (a bound deployment): `ray_replicas` replicas of AtelierReplica, each
     reserving `ray_num_gpus` GPUs and `ray_num_cpus` CPUs, and taking one request at a time."""
@@ -181,7 +169,7 @@ def deploy(settings: Settings, *, runner_factory: str = DEFAULT_RUNNER_FACTORY) 
 
     # The bot talks to replicas through handles only: no HTTP proxy (it would take a port).
     serve.start(proxy_location="Disabled")
-    app = build_app(worker_config(settings, runner_factory), settings.engine)
+    app = build_app(WorkerConfig.from_settings(settings, runner_factory), settings.engine)
     return serve.run(app, name=settings.engine.ray_app, route_prefix=None)
 
 
@@ -212,5 +200,4 @@ __all__ = [
     "deploy",
     "deployment_handle",
     "replica_states",
-    "worker_config",
 ]

@@ -66,7 +66,9 @@ def texts(side: str, seed: int) -> tuple[str, str]:
     return f"{PROMPT}, study {side} {seed}", f"{NEGATIVE}, draft {side} {seed}"
 
 
-def bench_settings(directory: Path, model_dir: Path) -> Settings:
+def bench_settings(directory: Path, model_dir: Path, **engine_overrides: Any) -> Settings:
+    """Settings for the tiny model on the CPU, one torch thread; `engine_overrides` change or add
+    `[engine]` keys."""
     engine = {
         "device": "cpu",
         "dtype": "fp32",
@@ -74,6 +76,7 @@ def bench_settings(directory: Path, model_dir: Path) -> Settings:
         "preview_every": 0,  # the bare loop makes no previews either
         "channels_last": False,  # plain diffusers on both sides: measure the plumbing, not tuning
         "start_timeout": 600,
+        **engine_overrides,
     }
     lines = ["[engine]", *(f"{key} = {json.dumps(value)}" for key, value in engine.items())]
     lines += [

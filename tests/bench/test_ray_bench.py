@@ -17,28 +17,25 @@ same round. The machine has 2 cores: any other work on it lowers the Ray side's 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
-import shutil
 import statistics
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from config.settings import Settings, load_settings
 from engine.client import LocalEngineClient
 from engine.spec import EngineClient, Text2Img
 from tests.bench import report
 from tests.bench.dispatch import dispatch_block
+from tests.bench.test_engine_bench import bench_settings
 
 pytestmark = pytest.mark.bench
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install '.[ray]'")
+
+from tests.engine.raysession import local_ray  # noqa: E402  (after the skip: imports Ray)
 
 SIZE = 256
 STEPS = 12
@@ -47,32 +44,6 @@ REPLICAS = 2
 BLOCK = 8
 ROUNDS = 3
 GOAL = 1.8
-
-
-def bench_settings(directory: Path, model_dir: Path) -> Settings:
-    engine: dict[str, Any] = {
-        "device": "cpu",
-        "dtype": "fp32",
-        "torch_threads": THREADS,
-        "preview_every": 0,
-        "start_timeout": 600,
-        "ray_replicas": REPLICAS,
-        "ray_num_gpus": 0,
-        "ray_num_cpus": 1,
-        "ray_app": "atelier-bench",
-    }
-    lines = ["[engine]", *(f"{key} = {json.dumps(value)}" for key, value in engine.items())]
-    lines += [
-        "[models.tiny]",
-        f"base = {json.dumps(str(model_dir / 'base'))}",
-        f"refiner = {json.dumps(str(model_dir / 'refiner'))}",
-        "default = true",
-    ]
-    path = directory / "atelier.toml"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_CONFIG", str(path))
-        return load_settings()
 
 
 def job(side: str, index: int, seed: int) -> Text2Img:
@@ -95,28 +66,8 @@ async def dispatch_side(client: EngineClient, side: str, seeds: list[int]) -> fl
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(
-        address="local", num_cpus=REPLICAS, include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir
-    )
-    try:
+    with local_ray(REPLICAS):
         yield
-    finally:
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 async def test_ray_replicas_against_the_local_engine(
@@ -124,7 +75,10 @@ async def test_ray_replicas_against_the_local_engine(
 ) -> None:
     from engine.ray_client import RayEngineClient
 
-    settings = bench_settings(tmp_path_factory.mktemp("ray-bench"), tiny_model_dir)
+    settings = bench_settings(
+        tmp_path_factory.mktemp("ray-bench"), tiny_model_dir, channels_last=True,
+        ray_replicas=REPLICAS, ray_num_gpus=0, ray_num_cpus=1, ray_app="atelier-bench",
+    )  # fmt: skip
     load_before = os.getloadavg()[0]
     local = LocalEngineClient(settings)
     remote = RayEngineClient(settings)

@@ -10,10 +10,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -41,6 +37,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install '.[ray]'")
 
 from engine.ray_client import RayEngineClient  # noqa: E402  (after the skip: needs nothing from Ray)
+from tests.engine.raysession import local_ray  # noqa: E402  (after the skip: imports Ray)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -131,32 +128,8 @@ def kill_one_replica(app: str) -> str:
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     """A private local Ray (2 CPUs, no dashboard, no token file under ~/.ray)."""
-    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    ray.init(
-        address="local",
-        num_cpus=REPLICAS,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        _temp_dir=temp_dir,
-    )
-    try:
+    with local_ray(REPLICAS):
         yield
-    finally:
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

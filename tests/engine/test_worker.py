@@ -4,6 +4,7 @@ costs seconds); the tests that stop a worker use their own."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -54,14 +55,7 @@ def tiny_settings(directory: Path, models: dict[str, dict[str, Any]], **engine: 
 
 
 def worker_config(settings: Settings, **overrides: Any) -> WorkerConfig:
-    values = {
-        "models": dict(settings.models),
-        "default_model": settings.default_model,
-        "engine": settings.engine,
-        "generation": settings.generation,
-        **overrides,
-    }
-    return WorkerConfig(**values)
+    return dataclasses.replace(WorkerConfig.from_settings(settings), **overrides)
 
 
 @dataclass
