@@ -54,18 +54,24 @@ class FirstResponse:
         self._task = asyncio.create_task(self._defer(), name=f"defer-{self.interaction.id}")
 
     async def _defer(self) -> None:
-        async with self._lock:
-            if self.interaction.response.is_done():
-                return
-            try:
-                await self.interaction.response.defer(ephemeral=True, thinking=True)
-                self.deferred = True
-                self._answered()
-                log.info(
-                    "interaction %s deferred: the request took over %.1f s", self.interaction.id, DEFER_AFTER_SECONDS
-                )
-            except discord.HTTPException as exc:
-                log.warning("interaction %s: deferral failed: %s %s", self.interaction.id, exc.status, exc.text)
+        # Once the timer fired the request no longer counts as unanswered, whatever happens here:
+        # answered another way (a handler that never calls stop), deferred, or the deferral failed.
+        try:
+            async with self._lock:
+                if self.interaction.response.is_done():
+                    return
+                try:
+                    await self.interaction.response.defer(ephemeral=True, thinking=True)
+                    self.deferred = True
+                    log.info(
+                        "interaction %s deferred: the request took over %.1f s",
+                        self.interaction.id,
+                        DEFER_AFTER_SECONDS,
+                    )
+                except discord.HTTPException as exc:
+                    log.warning("interaction %s: deferral failed: %s %s", self.interaction.id, exc.status, exc.text)
+        finally:
+            self._answered()
 
     def stop(self) -> None:
         self._timer.cancel()

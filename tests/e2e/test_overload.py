@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bot.answer import DEFER_AFTER_SECONDS, FirstResponse
 from bot.harness import JOB_IN_TEXT, Studio
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -87,3 +88,24 @@ async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(st
     public = studio.sb.channel_messages(studio.channel, include_ephemeral=False)
     for jobs in records:  # the queue card (Queued, then Running, Done): the only message naming the job
         assert sum(f"Job `{jobs[0].id}`" in m.content for m in public) == 1
+
+
+async def test_a_request_answered_without_its_first_response_stops_counting_as_unanswered(studio: Studio) -> None:
+    """The burst rule counts unanswered requests; one answered another way (here: a crash the
+    error handler answers) must leave that count when its timer fires, or every later request
+    would be deferred at once."""
+    requests = studio.bot.requests
+    real = requests.cancel_command
+
+    async def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    before = FirstResponse.unanswered
+    requests.cancel_command = crash  # type: ignore[method-assign]
+    try:
+        inter = await studio.command(studio.new_member("crasher"), "cancel", {"job": "ABCDEFGH"})
+    finally:
+        requests.cancel_command = real  # type: ignore[method-assign]
+    assert inter.response is not None and inter.response.ephemeral
+    await asyncio.sleep(DEFER_AFTER_SECONDS + 0.5)
+    assert FirstResponse.unanswered == before
