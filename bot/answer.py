@@ -2,7 +2,8 @@
 
 A request answers itself as soon as it knows the outcome (a public queue card or an ephemeral
 refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
-the interaction (ephemeral "thinking…") 1.5 s after it was created; the request then finishes in
+the interaction (ephemeral "thinking…") 1.5 s after it was created, or at once in a burst (then
+the burst's earlier requests too); the request then finishes in
 that deferred message: a refusal replaces it, and an accepted job's public queue card is posted in
 the channel with the bot token (which also keeps working after the 15-minute interaction token)
 while the deferred message points to it. A lock makes the timer and the request never both
@@ -31,26 +32,37 @@ BACKLOG_AGE_SECONDS = 0.2
 
 class FirstResponse:
     unanswered = 0  # requests of this process without a first response yet
+    # Requests whose deferral timer has not fired yet: when a burst is recognised, the ones that
+    # came first and meant to answer in full are deferred too, or they would be the burst's slowest.
+    _timed: set[FirstResponse] = set()
 
     def __init__(self, interaction: discord.Interaction, *, defer_after: float = DEFER_AFTER_SECONDS) -> None:
         self.interaction = interaction
         self.deferred = False
         self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
         age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
         if FirstResponse.unanswered >= BACKLOG_REQUESTS or age >= BACKLOG_AGE_SECONDS:
             defer_after = 0.0
+            for earlier in tuple(FirstResponse._timed):
+                earlier._defer_now()
         FirstResponse.unanswered += 1
         self._counted = True
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, defer_after - age), self._fire)
-        self._task: asyncio.Task[None] | None = None
+        FirstResponse._timed.add(self)
 
     def _answered(self) -> None:
         if self._counted:
             self._counted = False
             FirstResponse.unanswered -= 1
 
+    def _defer_now(self) -> None:
+        self._timer.cancel()
+        self._fire()
+
     def _fire(self) -> None:
+        FirstResponse._timed.discard(self)
         self._task = asyncio.create_task(self._defer(), name=f"defer-{self.interaction.id}")
 
     async def _defer(self) -> None:
@@ -75,6 +87,7 @@ class FirstResponse:
 
     def stop(self) -> None:
         self._timer.cancel()
+        FirstResponse._timed.discard(self)
         self._answered()
 
     async def ephemeral(self, text: str, **kwargs: Any) -> None:

@@ -135,6 +135,11 @@ class FairQueue:
         self._bands: dict[int, _Band] = {}
         self._per_user: Counter[int] = Counter()
         self._seq = itertools.count()
+        # The pop order is asked for far more often than it changes (every queue card, position
+        # and ETA reads it): it is kept until a job is attached, detached or taken. Aging only
+        # changes it when some job reaches its next band, so `_age` skips until then.
+        self._order_cache: list[_Item] | None = None
+        self._next_aging = math.inf
 
     # ------------------------------------------------------------------ admission
     def check(self, owner_id: int, *, extra_user: int = 0, extra_global: int = 0) -> None:
@@ -159,6 +164,7 @@ class FairQueue:
             entry.enqueued_at = now
         item = _Item(entry, next(self._seq), entry.enqueued_at, front)
         self._attach(item, self._effective_band(item, now))
+        self._next_aging = min(self._next_aging, self._next_promotion(item, now))
         self._items[entry.job_id] = item
         self._per_user[entry.owner_id] += 1
         return self.position(entry.job_id) or 0
@@ -257,8 +263,11 @@ class FairQueue:
 
     # ------------------------------------------------------------------ internals
     def _order(self) -> list[_Item]:
+        """The pop order (shared: callers must not change the list)."""
         self._age()
-        return sorted(self._items.values(), key=_Item.sort_key)
+        if self._order_cache is None:
+            self._order_cache = sorted(self._items.values(), key=_Item.sort_key)
+        return self._order_cache
 
     def _effective_band(self, item: _Item, now: float) -> int:
         band = item.entry.band
@@ -267,21 +276,34 @@ class FairQueue:
         waited = max(0.0, now - item.enqueued_at)
         return max(0, band - int(waited // self.aging_seconds))
 
+    def _next_promotion(self, item: _Item, now: float) -> float:
+        """When the job's effective band next drops (infinity when it never will)."""
+        if not self.aging_seconds or item.band == 0:
+            return math.inf
+        periods = max(0.0, now - item.enqueued_at) // self.aging_seconds
+        return item.enqueued_at + (periods + 1) * self.aging_seconds
+
     def _age(self) -> None:
         if not self.aging_seconds:
             return
         now = self._clock()
+        if now < self._next_aging:
+            return
+        next_aging = math.inf
         for item in self._items.values():
             target = self._effective_band(item, now)
             if target < item.band:
                 self._detach(item)
                 self._attach(item, target)
+            next_aging = min(next_aging, self._next_promotion(item, now))
+        self._next_aging = next_aging
 
     @staticmethod
     def _tag_cost(item: _Item) -> float:
         return max(item.entry.cost, MIN_TAG_COST) / item.entry.weight
 
     def _attach(self, item: _Item, band_no: int) -> None:
+        self._order_cache = None
         band = self._bands.setdefault(band_no, _Band())
         item.band = band_no
         if item.front:
@@ -293,6 +315,7 @@ class FairQueue:
 
     def _detach(self, item: _Item) -> None:
         """Undo `_attach`'s charge: shift the owner's later jobs in the band up by this job's cost."""
+        self._order_cache = None
         if item.front:
             return
         band = self._bands[item.band]
@@ -321,6 +344,7 @@ class FairQueue:
             band.last_finish[item.owner] = item.start
 
     def _take(self, item: _Item, *, advance: bool) -> None:
+        self._order_cache = None
         del self._items[item.entry.job_id]
         self._forget(item)
         band = self._bands[item.band]

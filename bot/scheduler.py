@@ -47,7 +47,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Protocol, TypeVar
@@ -484,14 +484,21 @@ class Scheduler(Generic[R]):
         st = self._running.get(job_id)
         if st is not None:
             return self._estimator.seconds_for(st.remaining_cost())
-        for view in self._queued_views():
-            if view.job_id == job_id:
-                return view.eta
-        return None
+        view = self._queued_view(job_id)
+        return None if view is None else view.eta
 
     def snapshot(self) -> list[JobView]:
         """Running jobs (oldest first), then queued jobs in the order they will run."""
-        running = [
+        return self._running_views() + self._queued_views()
+
+    def queued_for(self, owner_id: int) -> list[JobView]:
+        """One user's running and queued jobs."""
+        return [v for v in self._running_views() if v.owner_id == owner_id] + [
+            self._view(*step) for step in self._walk_queue() if step[1].owner_id == owner_id
+        ]
+
+    def _running_views(self) -> list[JobView]:
+        return [
             JobView(
                 job_id=st.job_id,
                 owner_id=st.entry.owner_id,
@@ -506,11 +513,6 @@ class Scheduler(Generic[R]):
             )
             for st in sorted(self._running.values(), key=lambda s: s.started_at)
         ]
-        return running + self._queued_views()
-
-    def queued_for(self, owner_id: int) -> list[JobView]:
-        """One user's running and queued jobs."""
-        return [view for view in self.snapshot() if view.owner_id == owner_id]
 
     def depth_by_band(self) -> dict[int, int]:
         """Queued jobs per (effective) band."""
@@ -577,10 +579,8 @@ class Scheduler(Generic[R]):
             if st.progress is not None:
                 events.append(ProgressEvent(job_id, st.progress))
             return events
-        for view in self._queued_views():
-            if view.job_id == job_id:
-                return [Queued(job_id, view.position, view.eta, view.attempts)]
-        return None
+        view = self._queued_view(job_id)
+        return None if view is None else [Queued(job_id, view.position, view.eta, view.attempts)]
 
     def _emit(self, event: JobEvent) -> None:
         job_id = event.job_id
@@ -625,9 +625,13 @@ class Scheduler(Generic[R]):
 
     def _publish_positions_now(self) -> None:
         self._positions_due = False
-        for view in self._queued_views():
-            if self._last_position.get(view.job_id) != view.position:
-                self._last_position[view.job_id] = view.position
+        ranked = self._queue.ranked()
+        if not ranked:
+            return
+        for position, entry, band, ahead in self._walk_queue(ranked):
+            if self._last_position.get(entry.job_id) != position:
+                self._last_position[entry.job_id] = position
+                view = self._view(position, entry, band, ahead)
                 self._emit(Queued(view.job_id, view.position, view.eta, view.attempts))
 
     # ------------------------------------------------------------------ dispatch
@@ -903,28 +907,43 @@ class Scheduler(Generic[R]):
     def _running_count(self, owner_id: int) -> int:
         return sum(1 for st in self._running.values() if st.entry.owner_id == owner_id)
 
-    def _queued_views(self) -> list[JobView]:
-        views: list[JobView] = []
+    def _walk_queue(
+        self, ranked: list[tuple[QueueEntry, int]] | None = None
+    ) -> Iterator[tuple[int, QueueEntry, int, float]]:
+        """(position, entry, band, cost queued ahead of it) for every queued job, in pop order."""
         ahead = 0.0
-        running = sum(st.remaining_cost() for st in self._running.values())
-        slots = max(1, self._slots())
-        for position, (entry, band) in enumerate(self._queue.ranked(), start=1):
-            eta = self._estimator.eta(cost_ahead=ahead, running_remaining=running, own_cost=entry.cost, slots=slots)
-            views.append(
-                JobView(
-                    job_id=entry.job_id,
-                    owner_id=entry.owner_id,
-                    status="queued",
-                    position=position,
-                    band=band,
-                    cost=entry.cost,
-                    eta=eta if math.isfinite(eta) else 0.0,
-                    attempts=entry.payload.attempts,
-                    record=entry.payload,
-                )
-            )
+        for position, (entry, band) in enumerate(self._queue.ranked() if ranked is None else ranked, start=1):
+            yield position, entry, band, ahead
             ahead += entry.cost
-        return views
+
+    def _view(self, position: int, entry: QueueEntry, band: int, ahead: float) -> JobView:
+        running = sum(st.remaining_cost() for st in self._running.values())
+        eta = self._estimator.eta(
+            cost_ahead=ahead, running_remaining=running, own_cost=entry.cost, slots=max(1, self._slots())
+        )
+        return JobView(
+            job_id=entry.job_id,
+            owner_id=entry.owner_id,
+            status="queued",
+            position=position,
+            band=band,
+            cost=entry.cost,
+            eta=eta if math.isfinite(eta) else 0.0,
+            attempts=entry.payload.attempts,
+            record=entry.payload,
+        )
+
+    def _queued_views(self) -> list[JobView]:
+        return [self._view(*step) for step in self._walk_queue()]
+
+    def _queued_view(self, job_id: str) -> JobView | None:
+        """One queued job's view (position and ETA need only the jobs ahead of it)."""
+        if job_id not in self._queue:
+            return None
+        for step in self._walk_queue():
+            if step[1].job_id == job_id:
+                return self._view(*step)
+        return None  # pragma: no cover - it is queued
 
     async def _send_cancel(self, st: _Running) -> None:
         st.cancel_unsent = not await self._engine_cancel(st.job_id)

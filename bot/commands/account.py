@@ -21,6 +21,7 @@ class Account(commands.Cog):
 
     @app_commands.command(name="quota", description="Your allowance, what you used and when it resets")
     async def quota(self, interaction: discord.Interaction) -> None:
+        first_response(interaction)  # a database read, which may queue behind a burst's writes
         await self.bot.requests.show_quota(interaction)
 
     @app_commands.command(name="queue", description="Your queued and running jobs")

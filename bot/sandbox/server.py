@@ -38,6 +38,8 @@ from .webhooks import WebhookApi
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
 API_VERSIONS = ("10", "9")
 
 
@@ -125,7 +127,11 @@ class Sandbox(WorldBuilder, Driver):
         self._base_url = f"http://{self._host}:{self._port}"
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        # discord.py opens a connection per concurrent request (its connector has no limit), so a
+        # burst of 200 deferrals opens 200 at once; with aiohttp's default backlog of 128 the
+        # kernel drops the extra SYNs and those clients retry a second later. Discord's edge
+        # takes them all: so does the sandbox.
+        await web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG).start()
         log.info("Discord sandbox listening on %s (application %s)", self._base_url, self.application_id)
         return self
 

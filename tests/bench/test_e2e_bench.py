@@ -8,13 +8,17 @@ BLOCK members each send one `/generate` at once; the block ends when the last re
 the channel (images encoded, saved to the output folder, uploaded). Blocks alternate with blocks
 of the bare loop (which runs in a thread, so the bot stays connected), and each round's ratio
 compares the two blocks of that round. Also printed: the engine worker's idle gap between
-consecutive jobs (the time the bot needs to hand it the next job), goal < 5 ms median.
+consecutive jobs (the time the bot needs to hand it the next job), goal < 5 ms median, and the CPU
+this process (bot and sandbox) spent per job. ``ATELIER_BENCH_PROFILE=FILE`` profiles it during the
+bot blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import os
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ BLOCK = int(os.environ.get("ATELIER_BENCH_BLOCK", "8"))
 ROUNDS = int(os.environ.get("ATELIER_BENCH_ROUNDS", "6"))
 GOAL_RATIO = 0.97
 GOAL_IDLE = 0.005
+PROFILE = os.environ.get("ATELIER_BENCH_PROFILE")  # FILE: profile this process during the bot blocks
 
 
 async def through_the_bot(studio: Studio, name: str, seeds: list[int]) -> float:
@@ -96,6 +101,8 @@ async def test_end_to_end_throughput_against_bare_diffusers(tiny_model_dir: Path
         await through_the_bot(studio, "warm", [1, 2])
         gaps: list[float] = []
         computes: list[float] = []
+        bot_cpu: list[float] = []  # this process (bot, scheduler, sandbox) per bot block
+        profiler = cProfile.Profile() if PROFILE else None
         for round_index in range(ROUNDS):
             seeds = [1000 * round_index + i for i in range(BLOCK)]
             order = ("bare", "bot") if round_index % 2 == 0 else ("bot", "bare")
@@ -104,7 +111,13 @@ async def test_end_to_end_throughput_against_bare_diffusers(tiny_model_dir: Path
                     times[side].append(await asyncio.to_thread(bare, loop, side, seeds))
                 else:
                     engine.stats.clear()
+                    cpu = time.process_time()
+                    if profiler:
+                        profiler.enable()
                     times[side].append(await through_the_bot(studio, f"r{round_index}", seeds))
+                    if profiler:
+                        profiler.disable()
+                    bot_cpu.append(time.process_time() - cpu)
                     # The gaps inside the block: the first job waited for the block to start.
                     gaps += [s.idle_seconds for s in list(engine.stats)[1:] if s.idle_seconds is not None]
                     computes += [s.compute_seconds for s in engine.stats]
@@ -127,6 +140,13 @@ async def test_end_to_end_throughput_against_bare_diffusers(tiny_model_dir: Path
         f"per job: bare {bare_per_job * 1000:.0f} ms; engine compute {statistics.median(computes) * 1000:.0f} ms "
         "(the same pipeline work: above bare means the bot process took CPU from the engine on this machine)"
     )
+    print(
+        f"this process (bot + sandbox) used {statistics.median(bot_cpu) / BLOCK * 1000:.0f} ms of CPU per job "
+        f"({statistics.median(c / t for c, t in zip(bot_cpu, times['bot'], strict=True)):.0%} of a core)"
+    )
+    if profiler and PROFILE:
+        profiler.dump_stats(PROFILE)
+        pstats.Stats(PROFILE).strip_dirs().sort_stats("tottime").print_stats(25)
     report.record(
         "end to end", "bot + scheduler + engine + sandbox ÷ bare diffusers",
         f"{ratio:.3f} ({min(ratios):.2f}–{max(ratios):.2f})", f"≥ {GOAL_RATIO}", ratio >= GOAL_RATIO,

@@ -369,6 +369,9 @@ class FairQueueMachine(RuleBasedStateMachine):
         assert {e.job_id for e in snap} == set(self.model)
         assert [self.q.position(e.job_id) for e in snap] == list(range(1, len(snap) + 1))
         assert [band for _, band in self.q.ranked()] == sorted(band for _, band in self.q.ranked())
+        # Aging is applied exactly when due, and the kept pop order is what a fresh sort gives.
+        assert {e.job_id: band for e, band in self.q.ranked()} == {j: self.effective(j) for j in self.model}
+        assert snap == [item.entry for item in sorted(self.q._items.values(), key=lambda i: i.sort_key())]
         assert all(n == 1 for n in self.out.values())  # nothing popped or removed twice
         assert len(self.out) + len(self.model) + self.refused == self.pushed  # nothing lost
 

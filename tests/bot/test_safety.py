@@ -356,3 +356,12 @@ async def test_broken_model_refuses_to_start(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(nudenet, "NudeDetector", corrupt)
     with pytest.raises(SafetyUnavailable, match="INVALID_PROTOBUF"):
         await SafetyChecker(SafetySettings()).load()
+
+
+def test_the_classifier_runs_on_one_quiet_thread() -> None:
+    """It shares the box with the engine: one onnxruntime thread that does not spin when idle."""
+    from bot.safety import _load_nudenet
+
+    options = _load_nudenet().onnx_session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from bot import delivery
 from bot.harness import Studio
 from bot.safety import SafetyVerdict
 from tests.e2e.member_kit import (
@@ -99,6 +100,31 @@ async def test_queue_shows_only_my_jobs_with_positions_and_eta(studio: Studio) -
     for job_id in [*mine, theirs]:
         await studio.result_of(job_id)
     assert_refused(await studio.command(me, "queue"), "no queued or running jobs")
+
+
+async def test_queue_cards_further_back_are_edited_less_often(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card is edited at most every EDIT_INTERVAL × position seconds: Discord's request budget
+    is shared by every card of a long queue."""
+    monkeypatch.setattr(delivery, "EDIT_INTERVAL", 0.4)
+    members = [studio.new_member(f"far-{i}") for i in range(4)]
+    scheduler = studio.bot.services.scheduler
+    scheduler.pause()
+    try:
+        cards = [await studio.command(m, "generate", {"prompt": f"far {i}", "steps": 2}) for i, m in enumerate(members)]
+        ids = [assert_queued(card) for card in cards]
+        assert [scheduler.position(job_id) for job_id in ids] == [1, 2, 3, 4]
+        assert_refused(await studio.command(members[0], "cancel", {"job": ids[0]}), "Cancelling")
+        # Each card moved up one place; the one now 3rd may be edited 1.2 s after its last edit.
+        moved = []
+        for card, position in zip(cards[1:], (1, 2, 3), strict=True):
+            message = await wait_status(studio, card, f"Queued · position {position}", timeout=20)
+            assert message.edited_at is not None
+            moved.append((message.edited_at - message.created_at).total_seconds())
+            assert moved[-1] >= 0.4 * position - 0.1, (position, moved)
+    finally:
+        scheduler.resume()
+    for job_id in ids[1:]:
+        await studio.result_of(job_id)
 
 
 # ---------------------------------------------------------------------------------------- /cancel

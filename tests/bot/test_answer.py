@@ -1,0 +1,53 @@
+"""bot.answer: when a first response is deferred (the timer, and the burst rule)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import discord
+
+from bot.answer import BACKLOG_REQUESTS, FirstResponse
+
+
+class FakeResponse:
+    def __init__(self) -> None:
+        self.deferred_at: float | None = None
+
+    def is_done(self) -> bool:
+        return self.deferred_at is not None
+
+    async def defer(self, **kwargs: Any) -> None:
+        self.deferred_at = asyncio.get_running_loop().time()
+
+
+class FakeInteraction:
+    """What FirstResponse reads of a discord.Interaction: its age, id and response."""
+
+    def __init__(self, number: int) -> None:
+        self.id = number
+        self.created_at = discord.utils.utcnow()
+        self.response = FakeResponse()
+
+
+async def test_a_burst_defers_the_requests_that_came_before_it_too() -> None:
+    before = FirstResponse.unanswered
+    early = [FirstResponse(FakeInteraction(i)) for i in range(BACKLOG_REQUESTS)]  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not any(a.interaction.response.is_done() for a in early)  # under the backlog: the timer waits
+    late = FirstResponse(FakeInteraction(99))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert all(a.deferred for a in [*early, late])  # at once, not 1.5 s later
+    assert FirstResponse.unanswered == before
+    assert not FirstResponse._timed
+
+
+async def test_an_answered_request_is_not_deferred_by_a_later_burst() -> None:
+    answered = FirstResponse(FakeInteraction(1))  # type: ignore[arg-type]
+    answered.stop()  # it answered itself
+    others = [FirstResponse(FakeInteraction(i)) for i in range(2, BACKLOG_REQUESTS + 3)]  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not answered.deferred and not answered.interaction.response.is_done()
+    assert all(a.deferred for a in others)
+    for answer in others:
+        answer.stop()
