@@ -35,6 +35,9 @@ class FirstResponse:
     # Requests whose deferral timer has not fired yet: when a burst is recognised, the ones that
     # came first and meant to answer in full are deferred too, or they would be the burst's slowest.
     _timed: set[FirstResponse] = set()
+    # Deferrals on their way, and the requests waiting for them before starting their own work.
+    _deferring = 0
+    _waiting_for_deferrals: list[asyncio.Future[None]] = []
 
     def __init__(self, interaction: discord.Interaction, *, defer_after: float = DEFER_AFTER_SECONDS) -> None:
         self.interaction = interaction
@@ -63,7 +66,28 @@ class FirstResponse:
 
     def _fire(self) -> None:
         FirstResponse._timed.discard(self)
+        FirstResponse._deferring += 1
         self._task = asyncio.create_task(self._defer(), name=f"defer-{self.interaction.id}")
+        self._task.add_done_callback(FirstResponse._deferral_done)
+
+    @staticmethod
+    def _deferral_done(_: asyncio.Task[None]) -> None:
+        FirstResponse._deferring -= 1
+        if FirstResponse._deferring <= 0:
+            waiting, FirstResponse._waiting_for_deferrals = FirstResponse._waiting_for_deferrals, []
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
+
+    async def answers_first(self, timeout: float = 1.0) -> None:
+        """Before the request's own work: in a burst, wait (at most `timeout`) until the deferrals
+        on their way are sent. Answering every member within Discord's 3 s comes before anyone's
+        database work, which would otherwise share the event loop with those HTTP calls."""
+        if FirstResponse._deferring <= 0:
+            return
+        future = asyncio.get_running_loop().create_future()
+        FirstResponse._waiting_for_deferrals.append(future)
+        await asyncio.wait([future], timeout=timeout)
 
     async def _defer(self) -> None:
         # Once the timer fired the request no longer counts as unanswered, whatever happens here:

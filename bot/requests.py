@@ -105,6 +105,7 @@ class JobRequests:
     async def _guarded(self, interaction: discord.Interaction, handler: Any, options: dict[str, Any]) -> None:
         answer = first_response(interaction)
         try:
+            await answer.answers_first()
             await handler(interaction, **options)
         except (Refused, ValidationFailed, QueueFull) as exc:
             await self._say(interaction, str(exc))
@@ -447,6 +448,7 @@ class JobRequests:
     async def _guarded_click(self, interaction: discord.Interaction, run: Any) -> None:
         answer = first_response(interaction)
         try:
+            await answer.answers_first()
             await run()
         except (Refused, ValidationFailed, QueueFull) as exc:
             await self._say(interaction, str(exc))

@@ -21,7 +21,8 @@ class Account(commands.Cog):
 
     @app_commands.command(name="quota", description="Your allowance, what you used and when it resets")
     async def quota(self, interaction: discord.Interaction) -> None:
-        first_response(interaction)  # a database read, which may queue behind a burst's writes
+        # A database read, which may queue behind a burst's writes: keep the 3 s guarantee.
+        await first_response(interaction).answers_first()
         await self.bot.requests.show_quota(interaction)
 
     @app_commands.command(name="queue", description="Your queued and running jobs")
@@ -33,7 +34,7 @@ class Account(commands.Cog):
     @app_commands.autocomplete(job=own_jobs_autocomplete)
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
         # Cancelling writes to the database, which may queue behind a burst: keep the 3 s guarantee.
-        first_response(interaction)
+        await first_response(interaction).answers_first()
         await self.bot.requests.cancel_command(interaction, job, as_moderator=False)
 
     @app_commands.command(name="job", description="Post a finished job's result again, with its buttons")

@@ -51,3 +51,32 @@ async def test_an_answered_request_is_not_deferred_by_a_later_burst() -> None:
     assert all(a.deferred for a in others)
     for answer in others:
         answer.stop()
+
+
+async def test_in_a_burst_work_starts_once_the_deferrals_are_sent() -> None:
+    class SlowResponse(FakeResponse):
+        async def defer(self, **kwargs: Any) -> None:
+            await asyncio.sleep(0.1)  # the HTTP round trip
+            await super().defer(**kwargs)
+
+    answers = []
+    for i in range(BACKLOG_REQUESTS + 2):
+        interaction = FakeInteraction(i)
+        interaction.response = SlowResponse()
+        answers.append(FirstResponse(interaction))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    await answers[-1].answers_first()
+    started_work = loop.time()
+    deferred_at = [a.interaction.response.deferred_at for a in answers]
+    assert all(at is not None and at <= started_work for at in deferred_at)
+    for answer in answers:
+        answer.stop()
+
+
+async def test_without_a_burst_work_starts_at_once() -> None:
+    answer = FirstResponse(FakeInteraction(1))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    before = loop.time()
+    await answer.answers_first()
+    assert loop.time() - before < 0.05 and not answer.interaction.response.is_done()
+    answer.stop()
