@@ -76,6 +76,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Seconds between two walks of the whole queue for position changes: a queue card is edited at
+# most every 2 s anyway, and in a burst every enqueue moves hundreds of queued jobs.
+MOVES_EVERY = 0.5
+
 FINAL_STATUSES = frozenset({"done", "failed", "cancelled"})
 
 
@@ -312,6 +316,9 @@ class Scheduler(Generic[R]):
         self._listeners: list[Callable[[JobEvent], object]] = []
         self._last_position: dict[str, int] = {}
         self._positions_due = False
+        self._unannounced: set[str] = set()  # queued jobs not told their place yet
+        self._moves_told_at = -math.inf  # loop time of the last full walk
+        self._moves_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._wake = asyncio.Event()
         self._paused = False
@@ -348,7 +355,7 @@ class Scheduler(Generic[R]):
             return False  # (in the history: it ended here; a stale read must not queue it again)
         # Credit the time already waited, so aging keeps working across restarts and processes.
         enqueued_at = self._clock() - _age_seconds(record.created_at, datetime.now(UTC))
-        self._queue.push(self._entry(record, enqueued_at=enqueued_at), front=front, enforce_caps=False)
+        self._push(self._entry(record, enqueued_at=enqueued_at), front=front)
         if publish:
             self._publish_positions()
             self._wake.set()
@@ -380,6 +387,9 @@ class Scheduler(Generic[R]):
         about ``grace + stop_timeout`` seconds whatever the engine does. Queued jobs stay queued."""
         self._stopping = True
         self._wake.set()
+        if self._moves_timer is not None:
+            self._moves_timer.cancel()
+            self._moves_timer = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.wait([self._loop_task])
@@ -428,7 +438,7 @@ class Scheduler(Generic[R]):
             except Exception:
                 log.exception("job=%s could not record the queue-full refusal", job_id)
             raise
-        self._queue.push(self._entry(record), enforce_caps=False)
+        self._push(self._entry(record))
         self._publish_positions()
         self._wake.set()
         return self._queue.position(job_id) or 0
@@ -444,7 +454,7 @@ class Scheduler(Generic[R]):
                 record = await self._store.mark_cancelled(job_id)
             except Exception:
                 log.exception("job=%s could not record the cancellation; it stays queued", job_id)
-                self._queue.push(entry, enforce_caps=False)
+                self._push(entry)
                 self._wake.set()
                 raise
             self._emit(Cancelled(record))
@@ -615,6 +625,11 @@ class Scheduler(Generic[R]):
         if not future.cancelled() and future.exception() is not None:
             log.error("event listener failed", exc_info=future.exception())
 
+    def _push(self, entry: QueueEntry, *, front: bool = False) -> None:
+        """Into the queue (caps were checked before); the job is told its place on the next turn."""
+        self._queue.push(entry, front=front, enforce_caps=False)
+        self._unannounced.add(entry.job_id)
+
     def _publish_positions(self) -> None:
         """Emit ``Queued`` for every queued job whose position changed since it was last told,
         once per event-loop turn however many changes it had (a burst of enqueues would
@@ -623,16 +638,35 @@ class Scheduler(Generic[R]):
             self._positions_due = True
             asyncio.get_running_loop().call_soon(self._publish_positions_now)
 
-    def _publish_positions_now(self) -> None:
+    def _publish_positions_now(self, *, walk: bool = False) -> None:
         self._positions_due = False
-        ranked = self._queue.ranked()
-        if not ranked:
+        loop = asyncio.get_running_loop()
+        if not walk and loop.time() - self._moves_told_at < MOVES_EVERY:
+            # A job new in the queue (or back in it) learns its place at once; the moves of the
+            # others wait for the next walk: in a burst each enqueue moves hundreds of them.
+            for job_id in self._unannounced:
+                view = self._queued_view(job_id)
+                if view is not None:
+                    self._tell(view.job_id, view.position, view.eta, view.attempts)
+            self._unannounced.clear()
+            if self._moves_timer is None:
+                self._moves_timer = loop.call_at(self._moves_told_at + MOVES_EVERY, self._publish_moves)
             return
+        self._moves_told_at = loop.time()
+        self._unannounced.clear()
+        ranked = self._queue.ranked()
         for position, entry, band, ahead in self._walk_queue(ranked):
             if self._last_position.get(entry.job_id) != position:
-                self._last_position[entry.job_id] = position
                 view = self._view(position, entry, band, ahead)
-                self._emit(Queued(view.job_id, view.position, view.eta, view.attempts))
+                self._tell(view.job_id, view.position, view.eta, view.attempts)
+
+    def _publish_moves(self) -> None:
+        self._moves_timer = None
+        self._publish_positions_now(walk=True)
+
+    def _tell(self, job_id: str, position: int, eta: float, attempts: int) -> None:
+        self._last_position[job_id] = position
+        self._emit(Queued(job_id, position, eta, attempts))
 
     # ------------------------------------------------------------------ dispatch
     async def _dispatch_loop(self) -> None:
@@ -803,7 +837,7 @@ class Scheduler(Generic[R]):
             await self._settle_cancelled(st)
         elif not self._stopping:
             # Transient (the store is down or busy): back in line, and no dispatch for a moment.
-            self._queue.push(st.entry, front=True, enforce_caps=False)
+            self._push(st.entry, front=True)
             self._hold_until = asyncio.get_running_loop().time() + self._retry_delay
             self._publish_positions()
 
@@ -869,7 +903,7 @@ class Scheduler(Generic[R]):
         if record is None or not back_in_line or self._stopping:
             return
         entry = self._entry(record, enqueued_at=st.entry.enqueued_at)
-        self._queue.push(entry, front=True, enforce_caps=False)
+        self._push(entry, front=True)
         self._publish_positions()
         self._wake.set()
 

@@ -667,3 +667,37 @@ def test_eta_estimator() -> None:
         EtaEstimator(initial_rate=0)
     with pytest.raises(ValueError):
         EtaEstimator(alpha=0)
+
+
+async def test_new_jobs_learn_their_place_at_once_and_moves_are_told_at_most_every_half_second() -> None:
+    from bot.scheduler import MOVES_EVERY
+
+    store = MemoryJobStore()
+    sched = make_scheduler(store, FakeEngine(), per_user_cap=10, global_cap=100)
+    told: list[tuple[float, Queued]] = []
+    loop = asyncio.get_running_loop()
+    sched.on_event(lambda e: told.append((loop.time(), e)) if isinstance(e, Queued) else None)
+    await sched.start()
+    sched.pause()
+    # Member 1 queues three jobs; then new members arrive one a turn, each going ahead of
+    # member 1's later jobs (fair queuing), so those move back with every arrival.
+    for i in range(3):
+        await add(store, sched, f"m1-{i}", 1)
+    await asyncio.sleep(MOVES_EVERY + 0.1)
+    told.clear()
+    started = loop.time()
+    for owner in range(2, 12):
+        mark = len(told)
+        await add(store, sched, f"new-{owner}", owner)
+        await asyncio.sleep(0)  # the next turn: the new job has been told its place
+        mine = [e for _, e in told[mark:] if e.job_id == f"new-{owner}"]
+        assert mine and mine[-1].position == sched.position(f"new-{owner}")
+    assert loop.time() - started < MOVES_EVERY
+    # Member 1's jobs moved back ten times, but were told once: by the walk of the first arrival.
+    moves = Counter(e.job_id for _, e in told if e.job_id.startswith("m1-"))
+    assert set(moves) <= {"m1-1", "m1-2"} and all(n == 1 for n in moves.values()), moves
+    await until(lambda: sum(e.job_id == "m1-2" for _, e in told) >= 2, timeout=MOVES_EVERY * 3)
+    last = [e for _, e in told if e.job_id == "m1-2"][-1]
+    assert last.position == sched.position("m1-2") == 13  # told where it really is now
+    assert all(at - started < 2 * MOVES_EVERY for at, _ in told)
+    await sched.stop(0)

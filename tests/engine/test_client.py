@@ -22,6 +22,7 @@ from config.settings import Settings, load_settings
 from engine.client import LocalEngineClient
 from engine.pnginfo import read_parameters
 from engine.spec import EngineClient, EngineError, JobCancelled, Progress, Result, Text2Img
+from tests.engine.streams import collect
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,15 +47,6 @@ def job(job_id: str, steps: int = 3, size: int = 128, **fields: Any) -> Text2Img
     return Text2Img(
         job_id=job_id, prompt=fields.pop("prompt", "a red fox"), steps=steps, width=size, height=size, **fields
     )
-
-
-async def collect(stream: AsyncIterator[Progress | Result]) -> tuple[list[Progress], Result]:
-    progress: list[Progress] = []
-    async for item in stream:
-        if isinstance(item, Result):
-            return progress, item
-        progress.append(item)
-    raise AssertionError("the stream ended without a Result")
 
 
 def gone(pid: int) -> bool:

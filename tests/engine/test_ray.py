@@ -27,7 +27,6 @@ from engine.spec import (
     JobCancelled,
     Progress,
     Refine,
-    Result,
     Text2Img,
     Upscale,
     Variations,
@@ -38,6 +37,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip ins
 
 from engine.ray_client import RayEngineClient  # noqa: E402  (after the skip: needs nothing from Ray)
 from tests.engine.raysession import local_ray  # noqa: E402  (after the skip: imports Ray)
+from tests.engine.streams import collect  # noqa: E402  (with the imports above)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -85,15 +85,6 @@ def t2i(job_id: str, seed: int, *, steps: int = 3, size: int = 128, **fields: An
         seed=seed,
         **fields,
     )
-
-
-async def collect(stream: AsyncIterator[Progress | Result]) -> tuple[list[Progress], Result]:
-    progress: list[Progress] = []
-    async for item in stream:
-        if isinstance(item, Result):
-            return progress, item
-        progress.append(item)
-    raise AssertionError("the stream ended without a Result")
 
 
 async def until(condition: Any, timeout: float, what: str) -> None:
