@@ -3,8 +3,9 @@
 A request answers itself as soon as it knows the outcome (a public queue card or an ephemeral
 refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
 the interaction (ephemeral "thinking…") 1.5 s after it was created, or at once in a burst (then
-the burst's earlier requests too); the request then finishes in
-that deferred message: a refusal replaces it, and an accepted job's public queue card is posted in
+the burst's earlier requests too) or while many earlier requests are still working; in a burst,
+the deferrals go out before any request's own work. The request then finishes in that deferred
+message: a refusal replaces it, and an accepted job's public queue card is posted in
 the channel with the bot token (which also keeps working after the 15-minute interaction token)
 while the deferred message points to it. A lock makes the timer and the request never both
 answer.
@@ -13,7 +14,9 @@ answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import weakref
 from typing import Any
 
 import discord
@@ -28,6 +31,9 @@ DEFER_AFTER_SECONDS = 1.5
 # waited this long to reach us, it is deferred at once and finishes in its deferred message.
 BACKLOG_REQUESTS = 4
 BACKLOG_AGE_SECONDS = 0.2
+# A request answered early (a deferral) may still be doing its database work; when this many are,
+# a new request would queue behind all of it before its answer, so it is deferred at once too.
+BACKLOG_BUSY = 8
 
 
 class FirstResponse:
@@ -38,6 +44,8 @@ class FirstResponse:
     # Deferrals on their way, and the requests waiting for them before starting their own work.
     _deferring = 0
     _waiting_for_deferrals: list[asyncio.Future[None]] = []
+    # Requests still working (answered or not), per event loop: each leaves when its task ends.
+    _busy: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 
     def __init__(self, interaction: discord.Interaction, *, defer_after: float = DEFER_AFTER_SECONDS) -> None:
         self.interaction = interaction
@@ -45,15 +53,26 @@ class FirstResponse:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
-        if FirstResponse.unanswered >= BACKLOG_REQUESTS or age >= BACKLOG_AGE_SECONDS:
+        loop = asyncio.get_running_loop()
+        busy = FirstResponse._busy.get(loop, 0)
+        if FirstResponse.unanswered >= BACKLOG_REQUESTS or busy >= BACKLOG_BUSY or age >= BACKLOG_AGE_SECONDS:
             defer_after = 0.0
             for earlier in tuple(FirstResponse._timed):
                 earlier._defer_now()
         FirstResponse.unanswered += 1
         self._counted = True
-        loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, defer_after - age), self._fire)
         FirstResponse._timed.add(self)
+        # discord.py runs each interaction's handler in a task of its own: the request is busy
+        # until that task ends, however it ends.
+        request = asyncio.current_task()
+        if request is not None:
+            FirstResponse._busy[loop] = busy + 1
+            request.add_done_callback(functools.partial(FirstResponse._request_done, loop))
+
+    @staticmethod
+    def _request_done(loop: asyncio.AbstractEventLoop, _: asyncio.Task[Any]) -> None:
+        FirstResponse._busy[loop] = max(0, FirstResponse._busy.get(loop, 1) - 1)
 
     def _answered(self) -> None:
         if self._counted:

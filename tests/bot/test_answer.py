@@ -7,7 +7,7 @@ from typing import Any
 
 import discord
 
-from bot.answer import BACKLOG_REQUESTS, FirstResponse
+from bot.answer import BACKLOG_BUSY, BACKLOG_REQUESTS, FirstResponse
 
 
 class FakeResponse:
@@ -80,3 +80,28 @@ async def test_without_a_burst_work_starts_at_once() -> None:
     await answer.answers_first()
     assert loop.time() - before < 0.05 and not answer.interaction.response.is_done()
     answer.stop()
+
+
+async def test_a_new_request_is_deferred_at_once_while_many_are_still_working() -> None:
+    """Requests answered early (deferred) may still queue for the database: a new one would wait
+    behind all of that before its own answer, so it is deferred at once too."""
+    release = asyncio.Event()
+
+    async def request(number: int) -> FirstResponse:
+        answer = FirstResponse(FakeInteraction(number))  # type: ignore[arg-type]
+        answer.stop()  # answered (say, deferred earlier), but its work goes on
+        await release.wait()
+        return answer
+
+    async def new_request(number: int) -> FirstResponse:
+        answer = FirstResponse(FakeInteraction(number))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        answer.stop()
+        return answer
+
+    working = [asyncio.create_task(request(i)) for i in range(BACKLOG_BUSY)]
+    await asyncio.sleep(0.01)
+    assert (await asyncio.create_task(new_request(99))).deferred
+    release.set()
+    await asyncio.gather(*working)
+    assert not (await asyncio.create_task(new_request(100))).deferred  # the work is done: no backlog
