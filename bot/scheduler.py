@@ -647,18 +647,16 @@ class Scheduler(Generic[R]):
             for job_id in self._unannounced:
                 view = self._queued_view(job_id)
                 if view is not None:
-                    self._tell(view.job_id, view.position, view.eta, view.attempts)
+                    self._tell(job_id, view.position, view.eta, view.attempts)
             self._unannounced.clear()
             if self._moves_timer is None:
                 self._moves_timer = loop.call_at(self._moves_told_at + MOVES_EVERY, self._publish_moves)
             return
         self._moves_told_at = loop.time()
         self._unannounced.clear()
-        ranked = self._queue.ranked()
-        for position, entry, band, ahead in self._walk_queue(ranked):
+        for position, entry, _, eta in self._walk_queue():
             if self._last_position.get(entry.job_id) != position:
-                view = self._view(position, entry, band, ahead)
-                self._tell(view.job_id, view.position, view.eta, view.attempts)
+                self._tell(entry.job_id, position, eta, entry.payload.attempts)
 
     def _publish_moves(self) -> None:
         self._moves_timer = None
@@ -941,20 +939,18 @@ class Scheduler(Generic[R]):
     def _running_count(self, owner_id: int) -> int:
         return sum(1 for st in self._running.values() if st.entry.owner_id == owner_id)
 
-    def _walk_queue(
-        self, ranked: list[tuple[QueueEntry, int]] | None = None
-    ) -> Iterator[tuple[int, QueueEntry, int, float]]:
-        """(position, entry, band, cost queued ahead of it) for every queued job, in pop order."""
+    def _walk_queue(self) -> Iterator[tuple[int, QueueEntry, int, float]]:
+        """(position, entry, band, ETA) for every queued job, in pop order."""
+        running = sum(st.remaining_cost() for st in self._running.values())
+        slots = max(1, self._slots())
         ahead = 0.0
-        for position, (entry, band) in enumerate(self._queue.ranked() if ranked is None else ranked, start=1):
-            yield position, entry, band, ahead
+        for position, (entry, band) in enumerate(self._queue.ranked(), start=1):
+            eta = self._estimator.eta(cost_ahead=ahead, running_remaining=running, own_cost=entry.cost, slots=slots)
+            yield position, entry, band, eta if math.isfinite(eta) else 0.0
             ahead += entry.cost
 
-    def _view(self, position: int, entry: QueueEntry, band: int, ahead: float) -> JobView:
-        running = sum(st.remaining_cost() for st in self._running.values())
-        eta = self._estimator.eta(
-            cost_ahead=ahead, running_remaining=running, own_cost=entry.cost, slots=max(1, self._slots())
-        )
+    @staticmethod
+    def _view(position: int, entry: QueueEntry, band: int, eta: float) -> JobView:
         return JobView(
             job_id=entry.job_id,
             owner_id=entry.owner_id,
@@ -962,7 +958,7 @@ class Scheduler(Generic[R]):
             position=position,
             band=band,
             cost=entry.cost,
-            eta=eta if math.isfinite(eta) else 0.0,
+            eta=eta,
             attempts=entry.payload.attempts,
             record=entry.payload,
         )

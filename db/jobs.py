@@ -517,13 +517,6 @@ class JobStore:
             row.result_message_id, row.images = message_id, [dict(i) for i in images]
             return JobRecord.from_row(row)
 
-    async def set_images(self, job_id: str, images: list[dict[str, Any]]) -> JobRecord:
-        """Replace a finished job's image list, e.g. to add the attachment URLs once posted."""
-        async with self.db.session() as s:
-            row = await self._locked(s, job_id)
-            row.images = [dict(i) for i in images]
-            return JobRecord.from_row(row)
-
     # ----------------------------------------------------------------- queries
     async def list_for_user(
         self, guild_id: int | None, user_id: int, statuses: Iterable[str] = ACTIVE_STATUSES

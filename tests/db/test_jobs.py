@@ -96,10 +96,9 @@ async def test_happy_path_commits_quota(jobs: JobStore, quotas: QuotaStore, cloc
     assert done.images == images and done.is_final
     assert [e.kind for e in await quotas.ledger(G, U)] == ["reserve", "commit"]
     assert (await quotas.status(G, U)).used == 3
-    with_url = await jobs.set_images("J1", [dict(i, url=f"https://cdn/{n}") for n, i in enumerate(images)])
-    assert with_url.images[1]["url"] == "https://cdn/1"
     posted = await jobs.record_post("J1", 777, [dict(i, url=f"https://cdn/p{n}") for n, i in enumerate(images)])
     assert (posted.result_message_id, posted.images[0]["url"]) == (777, "https://cdn/p0")
+    assert posted.images[1]["url"] == "https://cdn/p1"
     assert posted.images[0]["path"] == images[0]["path"]
 
 

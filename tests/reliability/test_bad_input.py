@@ -271,17 +271,25 @@ async def victim(studio: Studio) -> tuple[User, str, Message, InteractionRecord]
     return owner, job_id, result, card
 
 
+async def send_drawn_payload(
+    studio: Studio, all_logs: LogCapture, data: st.DataObject, name: str, *, moderator: bool
+) -> tuple[str, dict[str, Any], InteractionRecord, str]:
+    """A fresh member sends one drawn payload of a member (or moderator) command; its answer is
+    checked (`check_answer`) and returned with the path and the option values."""
+    member = studio.new_member(f"{name}-{next(_names)}")
+    path, values = data.draw(payloads(studio, member, moderator=moderator), label="payload")
+    SEEN["mod" if moderator else "member"].add(path)
+    start = len(all_logs.lines)
+    inter = await studio.sb.raw_slash(member, studio.channel, path, values)
+    return path, values, inter, await check_answer(studio, all_logs, member, inter, start)
+
+
 @FUZZ
 @given(data=st.data())
 async def test_hostile_payloads_for_every_member_command_and_option(
     studio: Studio, all_logs: LogCapture, data: st.DataObject
 ) -> None:
-    member = studio.new_member(f"fuzz-{next(_names)}")
-    path, values = data.draw(payloads(studio, member, moderator=False), label="payload")
-    SEEN["member"].add(path)
-    start = len(all_logs.lines)
-    inter = await studio.sb.raw_slash(member, studio.channel, path, values)
-    await check_answer(studio, all_logs, member, inter, start)
+    await send_drawn_payload(studio, all_logs, data, "fuzz", moderator=False)
 
 
 async def test_the_member_fuzz_reached_every_command_and_left_the_books_balanced(studio: Studio) -> None:
@@ -294,12 +302,7 @@ async def test_the_member_fuzz_reached_every_command_and_left_the_books_balanced
 async def test_no_moderator_action_is_reachable_by_a_member_with_any_arguments(
     studio: Studio, all_logs: LogCapture, state_before: list[Any], data: st.DataObject
 ) -> None:
-    outsider = studio.new_member(f"not-a-mod-{next(_names)}")
-    path, values = data.draw(payloads(studio, outsider, moderator=True), label="payload")
-    SEEN["mod"].add(path)
-    start = len(all_logs.lines)
-    inter = await studio.sb.raw_slash(outsider, studio.channel, path, values)
-    text = await check_answer(studio, all_logs, outsider, inter, start)
+    path, values, inter, text = await send_drawn_payload(studio, all_logs, data, "not-a-mod", moderator=True)
     if mistyped_option(inter.data.get("options") or []) is None:  # else refused for the type, first
         assert "moderator" in text.lower() or "manage server" in text.lower(), (path, values, text)
 
