@@ -60,6 +60,7 @@ class DiscordSettings(Section):
     priority_roles: list[int] = Field(default_factory=list)
     shard_count: int = Field(0, ge=0)
     shard_ids: list[int] = Field(default_factory=list)
+    http_connections: int = Field(32, ge=0)
 
     @model_validator(mode="after")
     def _shards_in_range(self) -> DiscordSettings:

@@ -16,6 +16,7 @@ EOF) the child exits at once. See engine.protocol for the messages.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import multiprocessing.util
@@ -165,12 +166,23 @@ def load_runner(config: WorkerConfig) -> tuple[RunnerLike, Ready]:
     factory = _resolve(config.runner_factory)
     imported = time.perf_counter()
     runner = factory(config)
+    freeze_loaded_heap()
     loaded = time.perf_counter()
-    threads = ""
+    detail = f"{gc.get_freeze_count()} objects frozen"
     if "torch" in sys.modules:
-        threads = f"torch threads {sys.modules['torch'].get_num_threads()}"
-    ready = Ready(pid=os.getpid(), import_seconds=imported - started, load_seconds=loaded - imported, detail=threads)
+        detail = f"torch threads {sys.modules['torch'].get_num_threads()}, {detail}"
+    ready = Ready(pid=os.getpid(), import_seconds=imported - started, load_seconds=loaded - imported, detail=detail)
     return runner, ready
+
+
+def freeze_loaded_heap() -> None:
+    """Take torch's, diffusers' and the loaded models' Python objects (about 400k) out of the
+    cyclic garbage collector's sight: they live as long as the process, and each full collection
+    walked them all, 230 ms with the job's thread stopped, several times in a run of jobs. Only for
+    processes that exist to run jobs (the pipe worker, a Serve replica): frozen objects that later
+    die in a reference cycle are never freed."""
+    gc.collect()
+    gc.freeze()
 
 
 def model_load_error() -> type[Exception] | None:

@@ -52,6 +52,7 @@ class RequestRecord:
     status: int
     at: float
     fault: bool = False
+    client_port: int = 0  # the client's end of the TCP connection it came on: which requests shared one
 
 
 class Sandbox(WorldBuilder, Driver):
@@ -348,7 +349,7 @@ class Sandbox(WorldBuilder, Driver):
         if rule is not None:
             injected = await self.faults.apply(rule)
             if injected is not None:
-                self._record(request.method, shown, injected.status, fault=True)
+                self._record(request, shown, injected.status, fault=True)
                 log.info("sandbox: injected %s for %s %s", injected.status, request.method, shown)
                 return injected
         try:
@@ -359,12 +360,20 @@ class Sandbox(WorldBuilder, Driver):
             response = json_response({"message": "404: Not Found", "code": 0}, status=404)
         except web.HTTPMethodNotAllowed:
             response = json_response({"message": "405: Method Not Allowed", "code": 0}, status=405)
-        self._record(request.method, shown, response.status)
+        self._record(request, shown, response.status)
         log.debug("%s %s -> %s", request.method, shown, response.status)
         return response
 
-    def _record(self, method: str, path: str, status: int, *, fault: bool = False) -> None:
+    def _record(self, request: web.Request, path: str, status: int, *, fault: bool = False) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
         self.requests.append(
-            RequestRecord(method=method, path=path, status=status, at=asyncio.get_running_loop().time(), fault=fault)
+            RequestRecord(
+                method=request.method,
+                path=path,
+                status=status,
+                at=asyncio.get_running_loop().time(),
+                fault=fault,
+                client_port=peer[1] if peer else 0,
+            )
         )
         self.world.changed()

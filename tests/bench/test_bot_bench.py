@@ -16,7 +16,7 @@ Two set-ups, each with its own row in the report:
   as Discord is elsewhere): the goal's figure;
 * **bot and sandbox in one process and event loop** (`bot.harness.open_studio`): the sandbox's own
   work (encoding the dispatches, serving the callbacks) is then inside the figures, and this
-  variant can profile the loop.
+  variant can profile the loop. Its start-up heap is frozen as `atelier run` freezes the bot's.
 
 Queue caps and quotas are raised through settings overrides so every request is accepted.
 ``ATELIER_BENCH_BURSTS`` (default ``25,50,100,200,200,200``) sets the burst sizes, in order;
@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 import pytest
 
+from bot.app import freeze_startup_heap
 from bot.harness import build_world, open_studio, tiny_settings
 from bot.sandbox import Channel, Guild, InteractionRecord, Sandbox, User
 from tests.bench import report
@@ -257,7 +258,11 @@ async def test_first_response_bot_and_sandbox_in_one_process(tiny_model_dir: Pat
             return any(v.status == "running" for v in studio.bot.services.scheduler.snapshot())
 
         target = Target(studio.sb, studio.guild, studio.channel, engine_busy, time.process_time)
-        bursts = await run_bursts(target, profiler)
+        freeze_startup_heap()  # as `atelier run` does once the bot is set up
+        try:
+            bursts = await run_bursts(target, profiler)
+        finally:
+            gc.unfreeze()
     summarize("bot and sandbox in one process", bursts)
     if profiler and PROFILE:
         profiler.dump_stats(PROFILE)

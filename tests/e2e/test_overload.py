@@ -4,17 +4,28 @@ is deferred in time, and the request then finishes in that deferred message."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from bot.answer import DEFER_AFTER_SECONDS, FirstResponse
-from bot.harness import JOB_IN_TEXT, Studio
+from bot.harness import JOB_IN_TEXT, Studio, open_studio, tiny_settings
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
 DEFERRED_CHANNEL_MESSAGE = 5
+REST_CONNECTIONS = 2
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def studio(tiny_model_dir: Path, studio_dir: Path) -> AsyncIterator[Studio]:
+    """The usual studio, with only 2 connections to Discord for REST calls: bursts queue on them."""
+    settings = tiny_settings(tiny_model_dir, studio_dir, discord={"http_connections": REST_CONNECTIONS})
+    async with open_studio(settings) as running:
+        yield running
 
 
 @pytest.fixture
@@ -75,6 +86,7 @@ async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(st
     """With several requests unanswered, the next ones are deferred at once instead of waiting
     for the earlier ones' database work; each then finishes in its deferred message."""
     members = [studio.new_member(f"burst{i}") for i in range(12)]
+    before = len(studio.sb.requests)
     inters = await asyncio.gather(
         *(studio.sb.slash(m, studio.channel, "generate", {"prompt": f"burst {i}"}) for i, m in enumerate(members))
     )
@@ -88,6 +100,10 @@ async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(st
     public = studio.sb.channel_messages(studio.channel, include_ephemeral=False)
     for jobs in records:  # the queue card (Queued, then Running, Done): the only message naming the job
         assert sum(f"Job `{jobs[0].id}`" in m.content for m in public) == 1
+    # The burst's requests took turns on the bot's few connections instead of opening one each.
+    callbacks = [r for r in studio.sb.requests[before:] if r.path.endswith("/callback")]
+    assert len(callbacks) == 12
+    assert 1 <= len({r.client_port for r in callbacks}) <= REST_CONNECTIONS
 
 
 async def test_a_request_answered_without_its_first_response_stops_counting_as_unanswered(studio: Studio) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -80,6 +81,9 @@ async def test_start_and_health(client: LocalEngineClient) -> None:
     assert (health.alive, health.slots, health.busy, health.restarts) == (True, 1, 0, 0)
     assert "ready" in health.detail
     assert client.startup_seconds is not None and client.ready_info is not None
+    # Libraries and models are out of the garbage collector's full passes (engine.worker.freeze_loaded_heap).
+    frozen = re.search(r"(\d+) objects frozen", client.ready_info.detail)
+    assert frozen is not None and int(frozen[1]) > 100_000, client.ready_info.detail
     print(f"\nengine start-up (spawn → ready): {client.startup_seconds:.2f} s")
 
 
