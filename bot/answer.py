@@ -4,11 +4,11 @@ A request answers itself as soon as it knows the outcome (a public queue card or
 refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
 the interaction (ephemeral "thinking…") 1.5 s after it was created, or at once in a burst (then
 the burst's earlier requests too) or while many earlier requests are still working; in a burst,
-the deferrals go out before any request's own work. The request then finishes in that deferred
-message: a refusal replaces it, and an accepted job's public queue card is posted in
-the channel with the bot token (which also keeps working after the 15-minute interaction token)
-while the deferred message points to it. A lock makes the timer and the request never both
-answer.
+the deferrals go out before any request's own work and before the bot's status edits and
+result posts. The request then finishes in that deferred message: a refusal replaces it, and an
+accepted job's public queue card is posted in the channel with the bot token (which also keeps
+working after the 15-minute interaction token) while the deferred message points to it. A lock
+makes the timer and the request never both answer.
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ class FirstResponse:
                 if not future.done():
                     future.set_result(None)
 
-    async def answers_first(self, timeout: float = 1.0) -> None:
-        """Before the request's own work: in a burst, wait (at most `timeout`) until the deferrals
-        on their way are sent. Answering every member within Discord's 3 s comes before anyone's
-        database work, which would otherwise share the event loop with those HTTP calls."""
+    @staticmethod
+    async def answers_first(timeout: float = 1.0) -> None:
+        """Before a request's own work, and before the bot's background Discord calls (status
+        edits, result posts): in a burst, wait (at most `timeout`) until the deferrals on their
+        way are sent. Answering every member within Discord's 3 s comes before anyone's database
+        work or result, which would otherwise share the event loop with those HTTP calls."""
         if FirstResponse._deferring <= 0:
             return
         future = asyncio.get_running_loop().create_future()

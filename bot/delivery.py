@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.answer import FirstResponse
 from bot.render import (
     QueueCard,
     cancelled_text,
@@ -236,6 +237,7 @@ class Delivery:
     async def _edit(self, record: JobRecord, message_id: int | None, **kwargs: Any) -> bool:
         if message_id is None:
             return False
+        await FirstResponse.answers_first()
         message = self.bot.get_partial_messageable(record.channel_id).get_partial_message(message_id)
         try:
             await message.edit(**kwargs)
@@ -297,6 +299,7 @@ class Delivery:
     async def _post_result(
         self, record: JobRecord, result: Result | None, status_message_id: int | None
     ) -> discord.Message | None:
+        await FirstResponse.answers_first()  # a result can wait for a burst's deferrals
         images = result.images if result is not None else await self._stored_images(record)
         seconds = result.seconds if result is not None else (record.seconds or 0.0)
         # guild_id makes message.jump_url a real link (discord.com/channels/<guild>/...), not @me
