@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bot.app import discord_connector, freeze_startup_heap
-from config.settings import load_settings
+from config.settings import ConfigError, load_settings
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ async def test_the_discord_pool_has_the_rest_connections_plus_one_per_gateway_sh
 
 def test_http_connections_defaults_to_32_and_refuses_negatives() -> None:
     assert load_settings().discord.http_connections == 32
-    with pytest.raises(Exception, match="http_connections"):
+    with pytest.raises(ConfigError, match="http_connections"):
         load_settings(discord={"http_connections": -1})
 
 
