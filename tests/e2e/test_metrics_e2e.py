@@ -108,7 +108,11 @@ async def test_jobs_a_refusal_and_a_discord_error_move_the_served_metrics(
     await services.quotas.set_user_limit(studio.guild.id, blocked.id, 0)
     assert_refused(await studio.command(blocked, "generate", {"prompt": "a kite"}), "allowance")
 
-    after = await scrape(metrics_port)
+    # The sandbox has the refusal before the bot has read the callback's HTTP answer, which is
+    # when the first response is counted: scrape until all three are.
+    after = await until_scraped(
+        metrics_port, lambda s: moved(s, before, "atelier_interaction_first_response_seconds_count") >= 3
+    )
     assert moved(after, before, "atelier_jobs_total", status="done") == 2
     assert moved(after, before, "atelier_jobs_total", status="failed") == 0
     assert moved(after, before, "atelier_job_wait_seconds_count") == 2
