@@ -108,7 +108,12 @@ class FirstResponse:
             return
         future = asyncio.get_running_loop().create_future()
         FirstResponse._waiting_for_deferrals.append(future)
-        await asyncio.wait([future], timeout=timeout)
+        try:
+            await asyncio.wait([future], timeout=timeout)
+        finally:
+            if not future.done():  # timed out or cancelled: under steady deferrals the list would only grow
+                future.cancel()
+                FirstResponse._waiting_for_deferrals.remove(future)
 
     async def _defer(self) -> None:
         # Once the timer fired the request no longer counts as unanswered, whatever happens here:
