@@ -21,6 +21,12 @@ class FakeResponse:
         self.deferred_at = asyncio.get_running_loop().time()
 
 
+class SlowResponse(FakeResponse):
+    async def defer(self, **kwargs: Any) -> None:
+        await asyncio.sleep(0.1)  # the HTTP round trip
+        await super().defer(**kwargs)
+
+
 class FakeInteraction:
     """What FirstResponse reads of a discord.Interaction: its age, id and response."""
 
@@ -28,6 +34,16 @@ class FakeInteraction:
         self.id = number
         self.created_at = discord.utils.utcnow()
         self.response = FakeResponse()
+
+
+def burst_of_slow_deferrals() -> list[FirstResponse]:
+    """Enough requests at once for the burst rule: all deferred at once, each deferral taking 0.1 s."""
+    answers = []
+    for i in range(BACKLOG_REQUESTS + 2):
+        interaction = FakeInteraction(i)
+        interaction.response = SlowResponse()
+        answers.append(FirstResponse(interaction))  # type: ignore[arg-type]
+    return answers
 
 
 async def test_a_burst_defers_the_requests_that_came_before_it_too() -> None:
@@ -54,16 +70,7 @@ async def test_an_answered_request_is_not_deferred_by_a_later_burst() -> None:
 
 
 async def test_in_a_burst_work_starts_once_the_deferrals_are_sent() -> None:
-    class SlowResponse(FakeResponse):
-        async def defer(self, **kwargs: Any) -> None:
-            await asyncio.sleep(0.1)  # the HTTP round trip
-            await super().defer(**kwargs)
-
-    answers = []
-    for i in range(BACKLOG_REQUESTS + 2):
-        interaction = FakeInteraction(i)
-        interaction.response = SlowResponse()
-        answers.append(FirstResponse(interaction))  # type: ignore[arg-type]
+    answers = burst_of_slow_deferrals()
     loop = asyncio.get_running_loop()
     await answers[-1].answers_first()
     started_work = loop.time()
@@ -105,3 +112,11 @@ async def test_a_new_request_is_deferred_at_once_while_many_are_still_working() 
     release.set()
     await asyncio.gather(*working)
     assert not (await asyncio.create_task(new_request(100))).deferred  # the work is done: no backlog
+
+
+async def test_a_wait_for_deferrals_that_times_out_leaves_nothing_behind() -> None:
+    answers = burst_of_slow_deferrals()
+    await FirstResponse.answers_first(timeout=0.01)  # the deferrals take 0.1 s
+    assert not FirstResponse._waiting_for_deferrals
+    await asyncio.sleep(0.2)  # the deferrals are sent
+    assert all(a.deferred for a in answers) and FirstResponse._deferring == 0

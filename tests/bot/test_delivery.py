@@ -6,17 +6,10 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from bot.answer import BACKLOG_REQUESTS, FirstResponse
 from bot.delivery import Delivery
-from tests.bot.test_answer import FakeInteraction, FakeResponse
+from tests.bot.test_answer import burst_of_slow_deferrals
 
 RECORD = SimpleNamespace(id="JOB00001", channel_id=1)
-
-
-class SlowResponse(FakeResponse):
-    async def defer(self, **kwargs: Any) -> None:
-        await asyncio.sleep(0.1)  # the HTTP round trip
-        await super().defer(**kwargs)
 
 
 def delivery_noting_edits(edited_at: list[float]) -> Delivery:
@@ -35,11 +28,7 @@ def delivery_noting_edits(edited_at: list[float]) -> Delivery:
 async def test_a_status_edit_waits_until_a_bursts_deferrals_are_sent() -> None:
     edited_at: list[float] = []
     delivery = delivery_noting_edits(edited_at)
-    answers = []
-    for i in range(BACKLOG_REQUESTS + 2):  # a burst: all of them are deferred at once
-        interaction = FakeInteraction(i)
-        interaction.response = SlowResponse()
-        answers.append(FirstResponse(interaction))  # type: ignore[arg-type]
+    answers = burst_of_slow_deferrals()
     assert await delivery._edit(RECORD, 42, content="Running")  # type: ignore[arg-type]
     deferred_at = [a.interaction.response.deferred_at for a in answers]
     assert all(at is not None for at in deferred_at)
