@@ -22,6 +22,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.metrics import Metrics
+from bot.permissions import serves, serves_guild
 from bot.views import DYNAMIC_ITEMS, answer_unknown_button
 from config.settings import Settings
 from engine.spec import EngineClient, EngineHealth, Job, Progress, Result
@@ -34,6 +35,7 @@ EXTENSIONS = (
     "bot.commands.models",
     "bot.commands.account",
     "bot.commands.mod",
+    "bot.commands.operator",
 )
 SHUTDOWN_GRACE_SECONDS = 10.0
 
@@ -161,6 +163,8 @@ class AtelierTree(app_commands.CommandTree):
     "The application did not respond"; unexpected ones are logged with the interaction id."""
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        if not serves(interaction):
+            return False  # a server outside [discord] guilds: nothing at all, not even a refusal
         # Discord sends every option value with its declared type; a payload that does not (a
         # modified client, another compatible server) is refused here, not deep inside a command.
         if interaction.type is not discord.InteractionType.application_command:
@@ -247,6 +251,25 @@ class AtelierBot(commands.Bot):
         self._engine_factory = engine_factory
         self._freeze_heap = freeze_heap
         self.accepting = True
+
+    async def on_ready(self) -> None:
+        await self.leave_unlisted_guilds()
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        if not serves_guild(self.settings, guild.id):
+            log.warning("added to server %s (%s), which is not in [discord] guilds: leaving it", guild.id, guild.name)
+            await guild.leave()
+
+    async def leave_unlisted_guilds(self) -> None:
+        """With `[discord] guilds` set, the bot stays in those servers only (it may have been
+        added elsewhere while it was offline: anyone can add a public bot)."""
+        for guild in list(self.guilds):
+            if not serves_guild(self.settings, guild.id):
+                log.warning("in server %s (%s), which is not in [discord] guilds: leaving it", guild.id, guild.name)
+                try:
+                    await guild.leave()
+                except discord.HTTPException as exc:
+                    log.error("could not leave server %s: %s %s", guild.id, exc.status, exc.text)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         # For the first-response metric, which only sees the callback URL (see Metrics.discord_trace).

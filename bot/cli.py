@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return tiny_model_command(args.path)
         settings = load_settings()
         token = read_token(os.environ) if args.command == "run" else ""
+        # Read once, then gone from the environment: the engine process, Ray workers and anything
+        # else this process starts never inherit the bot's credentials.
+        os.environ.pop("DISCORD_TOKEN", None)
     except ConfigError as exc:
         return _fail(str(exc))
     configure_logging(settings.logging.level)
@@ -113,6 +116,7 @@ def _engine_serve(settings: Settings, *, address: str, replicas: int) -> int:
         import ray
     except ImportError:
         return _fail("engine serve needs Ray: pip install '.[ray]'")
+    from engine.ray_client import remote_without_auth
     from engine.ray_serve import deploy, replica_states
 
     if replicas < 0:
@@ -123,6 +127,9 @@ def _engine_serve(settings: Settings, *, address: str, replicas: int) -> int:
     # A private Ray would die with this command: serve needs a cluster (`ray start --head`).
     address = address or settings.engine.ray_address or "auto"
     app = settings.engine.ray_app
+    problem = remote_without_auth(address, os.environ)
+    if problem is not None:
+        return _fail(problem)
     if not ray.is_initialized():
         try:
             ray.init(address=address, logging_level=logging.WARNING)

@@ -276,11 +276,7 @@ class Coordinator:
         self.takeovers += 1
         for record in recovery.queued:
             services.delivery.track(record)  # fresh rows: they carry the queue card ids
-        paused = (await services.moderation.get_settings(_global_guild())).paused
-        if paused:
-            scheduler.pause()
-        else:
-            scheduler.resume()
+        await services.load_pauses()  # type: ignore[attr-defined]
         for record in recovery.requeued:  # interrupted attempts go first, as retries do
             scheduler.adopt(record, publish=False, front=True)
         scheduler.absorb(recovery)
@@ -321,10 +317,8 @@ class Coordinator:
         event, job_id = notice.event, notice.job_id
         if event == "released":
             self._lock_wake.set()
-        elif event == "pause":
-            scheduler.pause()
-        elif event == "resume":
-            scheduler.resume()
+        elif event in ("pause", "resume"):
+            await self.services.load_pauses()  # type: ignore[attr-defined]
         elif job_id is None:
             return
         elif event == "queued":
@@ -372,9 +366,3 @@ class Coordinator:
                 record = await self.jobs.get(view.job_id)
                 if record is None or record.status != "queued":
                     scheduler.forget(view.job_id, ended=record if self.dispatching else None)
-
-
-def _global_guild() -> int:
-    from bot.services import GLOBAL_GUILD
-
-    return GLOBAL_GUILD

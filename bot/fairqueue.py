@@ -5,7 +5,16 @@ does the I/O around it.
 
 Order
 -----
-* **Bands.** A lower band number runs first (0: moderators and priority roles, 1: everyone).
+* **Servers.** Servers share the GPU fairly first, whatever their bands: the next job comes from the
+  server with the smallest virtual start ``S_g = max(V, F_g)``, where ``V`` is the start of the last
+  server served and ``F_g = S_g + cost`` of the server's last served job (start-time fair queuing
+  at dequeue, so it composes with the order inside each server). A server's moderators and
+  priority roles therefore go first in their own server only: no server, however many members or
+  moderators it has, can starve another. Jobs from DMs count as one server (``guild_id`` None).
+  A paused server's jobs stay in line but are not handed out (``pause_server``); they are ranked
+  after every other job.
+* **Bands** (inside a server). A lower band number runs first (0: moderators and priority roles,
+  1: everyone).
 * **Start-time fair queuing (SFQ) inside a band.** Every band keeps a virtual time ``V`` and
   every user a last finish tag ``F[user]``. A pushed job gets the start tag
   ``S = max(V, F[user])`` and moves the user's tag to ``F[user] = S + cost / weight``. Jobs run in
@@ -16,9 +25,10 @@ Order
 * **Aging.** A job that has waited ``aging_seconds`` is promoted one band (another band per further
   ``aging_seconds``, down to band 0), where it enters that band's SFQ as a new arrival. Nothing
   starves: once in band 0 it is served after at most the jobs already tagged at or before ``V``.
-* **Front.** ``push(entry, front=True)`` puts a job ahead of every non-front job of its band
-  (used for jobs that already waited their turn and were interrupted, e.g. an engine crash);
-  front jobs are not charged to the user's virtual clock a second time.
+* **Front.** ``push(entry, front=True)`` puts a job ahead of every non-front job of its band (and
+  of the other servers' non-front jobs); it is used for jobs that already waited their turn and
+  were interrupted, e.g. by an engine crash. Front jobs are not charged to the user's or the
+  server's virtual clock a second time.
 * Removing a job (``remove``, or the move out of a band on promotion) gives its virtual time back:
   the same user's later jobs in that band move up by its cost, so a cancelled job costs nothing.
 
@@ -30,7 +40,7 @@ Caps
 Batching rule (``pop_batch``)
 -----------------------------
 The head job (what ``pop`` returns) is always first. After it, walking the current pop order and
-never leaving the head's band, a job with the head's shape key joins the batch when either
+never leaving the head's server and band, a job with the head's shape key joins the batch when either
 
 1. every job between it and the head joined too (it would be popped next anyway), or
 2. it belongs to the head's owner, is not a front job, and its start tag is within one *quantum*
@@ -43,11 +53,12 @@ pulled-ahead jobs keep their place on the owner's virtual clock and do not advan
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,6 +101,7 @@ class QueueEntry:
     weight: float = 1.0
     enqueued_at: float | None = None
     payload: Any = field(default=None, repr=False)
+    guild_id: int | None = None
 
 
 @dataclass(eq=False)
@@ -106,7 +118,12 @@ class _Item:
     def owner(self) -> int:
         return self.entry.owner_id
 
+    @property
+    def server(self) -> int | None:
+        return self.entry.guild_id
+
     def sort_key(self) -> tuple[int, int, float, int]:
+        """The order inside one server."""
         return (self.band, 0 if self.front else 1, self.start, self.seq)
 
 
@@ -114,6 +131,18 @@ class _Item:
 class _Band:
     vtime: float = 0.0
     last_finish: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Servers:
+    """The servers' shares: virtual time and each server's finish tag (see "Servers" above)."""
+
+    vtime: float = 0.0
+    last_finish: dict[int | None, float] = field(default_factory=dict)
+
+    def start(self, server: int | None, vtime: float | None = None) -> float:
+        now = self.vtime if vtime is None else vtime
+        return max(now, self.last_finish.get(server, now))
 
 
 class FairQueue:
@@ -132,7 +161,9 @@ class FairQueue:
         self.aging_seconds = aging_seconds
         self._clock = clock
         self._items: dict[str, _Item] = {}
-        self._bands: dict[int, _Band] = {}
+        self._bands: dict[tuple[int | None, int], _Band] = {}  # (server, band)
+        self._servers = _Servers()
+        self._paused: set[int | None] = set()
         self._per_user: Counter[int] = Counter()
         self._seq = itertools.count()
         # The pop order is asked for far more often than it changes (every queue card, position
@@ -171,13 +202,30 @@ class FairQueue:
 
     # ------------------------------------------------------------------ taking work
     def pop(self) -> QueueEntry | None:
-        """The next job to run, or None when empty."""
+        """The next job to run, or None when empty (or every queued job's server is paused)."""
         order = self._order()
-        if not order:
+        if not order or order[0].server in self._paused:
             return None
         head = order[0]
         self._take(head, advance=True)
         return head.entry
+
+    # ------------------------------------------------------------------ pausing servers
+    def pause_server(self, guild_id: int | None) -> None:
+        """Keep a server's jobs in line without handing any out (its moderators paused it)."""
+        self._paused.add(guild_id)
+        self._order_cache = None
+
+    def resume_server(self, guild_id: int | None) -> None:
+        self._paused.discard(guild_id)
+        self._order_cache = None
+
+    def set_paused_servers(self, guild_ids: Iterable[int | None]) -> None:
+        self._paused = set(guild_ids)
+        self._order_cache = None
+
+    def is_paused(self, guild_id: int | None) -> bool:
+        return guild_id in self._paused
 
     def pop_batch(self, max_n: int, key: Callable[[QueueEntry], Hashable]) -> list[QueueEntry]:
         """The head job plus up to ``max_n - 1`` jobs with the same ``key``, chosen by the rule in
@@ -186,8 +234,10 @@ class FairQueue:
         if not order or max_n < 1:
             return []
         head = order[0]
+        if head.server in self._paused:
+            return []
         head_key = key(head.entry)
-        band = [i for i in order if i.band == head.band]
+        band = [i for i in order if i.band == head.band and i.server == head.server]
         quantum = max(self._tag_cost(i) for i in band)
         batch, advance = [head], [True]
         contiguous = True
@@ -244,10 +294,11 @@ class FairQueue:
         item = self._items.get(job_id)
         return None if item is None else item.band
 
-    def depth_by_band(self) -> dict[int, int]:
-        """Queued jobs per effective band."""
+    def depth_by_band(self, guild_id: int | None = None, *, every_server: bool = True) -> dict[int, int]:
+        """Queued jobs per effective band, of one server unless ``every_server``."""
         self._age()
-        return dict(sorted(Counter(item.band for item in self._items.values()).items()))
+        items = [i for i in self._items.values() if every_server or i.server == guild_id]
+        return dict(sorted(Counter(item.band for item in items).items()))
 
     def count_for(self, owner_id: int) -> int:
         return self._per_user[owner_id]
@@ -266,8 +317,49 @@ class FairQueue:
         """The pop order (shared: callers must not change the list)."""
         self._age()
         if self._order_cache is None:
-            self._order_cache = sorted(self._items.values(), key=_Item.sort_key)
+            self._order_cache = self._merge_servers()
         return self._order_cache
+
+    def _merge_servers(self) -> list[_Item]:
+        """The order ``pop`` would hand jobs out in: each server's own order (front, band, the
+        members' fair shares), merged by the servers' fair shares as ``_take`` advances them.
+        Paused servers' jobs come last."""
+        lines: dict[int | None, list[_Item]] = {}
+        for item in sorted(self._items.values(), key=_Item.sort_key):
+            lines.setdefault(item.server, []).append(item)
+        vtime, finish = self._servers.vtime, dict(self._servers.last_finish)
+        heap: list[tuple[int, float, int, int | None]] = []
+        nexts: dict[int | None, int] = {}
+
+        def offer(server: int | None) -> None:
+            head = lines[server][nexts[server]]
+            start = max(vtime, finish.get(server, vtime))
+            heapq.heappush(heap, (0 if head.front else 1, start, head.seq, server))
+
+        for server in lines:
+            if server not in self._paused:
+                nexts[server] = 0
+                offer(server)
+        order: list[_Item] = []
+        while heap:
+            front, start, _, server = heapq.heappop(heap)
+            head = lines[server][nexts[server]]
+            true_start = max(vtime, finish.get(server, vtime))
+            if not head.front and true_start > start:
+                # V moved on since this server was offered: it competes at its true start now.
+                heapq.heappush(heap, (front, true_start, head.seq, server))
+                continue
+            order.append(head)
+            if not head.front:
+                vtime = max(vtime, true_start)
+                finish[server] = true_start + self._tag_cost(head)
+            nexts[server] += 1
+            if nexts[server] < len(lines[server]):
+                offer(server)
+        for server, line in lines.items():
+            if server in self._paused:
+                order.extend(line)
+        return order
 
     def _effective_band(self, item: _Item, now: float) -> int:
         band = item.entry.band
@@ -304,7 +396,7 @@ class FairQueue:
 
     def _attach(self, item: _Item, band_no: int) -> None:
         self._order_cache = None
-        band = self._bands.setdefault(band_no, _Band())
+        band = self._bands.setdefault((item.server, band_no), _Band())
         item.band = band_no
         if item.front:
             item.start = item.finish = band.vtime
@@ -318,13 +410,14 @@ class FairQueue:
         self._order_cache = None
         if item.front:
             return
-        band = self._bands[item.band]
+        band = self._bands[(item.server, item.band)]
         later = sorted(
             (
                 i
                 for i in self._items.values()
                 if i is not item
                 and i.band == item.band
+                and i.server == item.server
                 and i.owner == item.owner
                 and not i.front
                 and i.start >= item.start
@@ -347,7 +440,14 @@ class FairQueue:
         self._order_cache = None
         del self._items[item.entry.job_id]
         self._forget(item)
-        band = self._bands[item.band]
+        if advance and not item.front:
+            servers = self._servers
+            start = servers.start(item.server)
+            servers.vtime = start
+            servers.last_finish[item.server] = start + self._tag_cost(item)
+            for server in [g for g, f in servers.last_finish.items() if f <= servers.vtime]:
+                del servers.last_finish[server]
+        band = self._bands[(item.server, item.band)]
         if advance and item.start > band.vtime:
             band.vtime = item.start
             # A finish tag at or behind V means the same as no tag: drop it to stay small.

@@ -22,6 +22,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -67,6 +68,7 @@ FIRST_RESPONSE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 5)
 
 class Metrics:
     def __init__(self) -> None:
+        self._refusals_by_server: Tally[int | None] = Tally()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ns = NAMESPACE
@@ -172,8 +174,13 @@ class Metrics:
         self.engine_seconds_per_unit.observe(per_unit)
         self.engine_seconds_per_unit_last.set(per_unit)
 
-    def quota_refused(self, reason: str) -> None:
+    def quota_refused(self, reason: str, guild_id: int | None = None) -> None:
         self.quota_refusals.labels(reason=reason).inc()
+        self._refusals_by_server[guild_id] += 1
+
+    def quota_refusals_in(self, guild_id: int | None) -> int:
+        """Quota refusals since this bot started in one server (for its moderators' /mod stats)."""
+        return self._refusals_by_server[guild_id]
 
     def engine_restarted(self) -> None:
         self.engine_restarts.inc()
@@ -247,7 +254,7 @@ class Metrics:
         """The exposition text (what GET /metrics returns)."""
         return generate_latest(self.registry)
 
-    def start_http(self, port: int, addr: str = "0.0.0.0") -> int:
+    def start_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve /metrics on `port` in a daemon thread; port 0 means disabled (returns 0).
 
         Returns the bound port. Raises OSError when the port is taken, so a misconfigured port

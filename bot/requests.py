@@ -1,28 +1,33 @@
 """Turning commands and clicks into jobs, and everything a member asks about their jobs.
 
-One path for every way a job starts (slash command or button): validate → ban and blocklist →
-price → queue caps → reserve quota → persist → enqueue → answer with the queue card. Each step
-that can refuse does so before anything is charged, with an ephemeral message saying what to
-change. Nothing here waits on the engine, so the first response always comes within Discord's 3 s.
+One path for every way a job starts (slash command or button): the cheap refusals first (the
+bot restarting, the member's cooldown, DMs, channel permissions, bans, the blocklist, the queue's
+caps, and for an attachment the quota at the size Discord reports), and only then the work:
+download and decode an attachment (a few at a time), price, reserve quota and persist in one
+transaction, enqueue, answer with the queue card. Each step that can refuse does so before
+anything is charged, with an ephemeral message saying what to change, so a banned or over-quota
+member can never make the bot download or decode anything. Nothing here waits on the engine, so
+the first response always comes within Discord's 3 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-import re
 import secrets
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import discord
+from cachetools import TTLCache
 from discord import app_commands
 
 from bot.answer import first_response
 from bot.fairqueue import QueueFull
-from bot.permissions import is_moderator, role_ids
+from bot.permissions import is_moderator, is_operator, role_ids
 from bot.render import (
     CONTENT_LIMIT,
     KIND_NAMES,
@@ -33,9 +38,11 @@ from bot.render import (
     quota_text,
     units,
 )
+from bot.storage import StorageError
 from bot.views import progress_view
 from db.ids import new_job_id, normalize_job_id
 from db.jobs import JobRecord
+from db.moderation import EVERYWHERE
 from db.quotas import Refusal
 from engine import validate
 from engine.cost import cost_units
@@ -52,10 +59,34 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 ATTACHMENT_FETCH_SECONDS = 2.0
 MAX_SEED = 2**32 - 1
 INTAKE_CONCURRENCY = 4
+# Attachments downloaded and decoded at once: each can be tens of megabytes of pixels.
+DECODE_CONCURRENCY = 2
 
 
 class Refused(Exception):
     """A request that is refused with a message for the member; nothing has been charged."""
+
+
+class MemberCooldown:
+    """At most `uses` job requests per member per `seconds` (a token bucket per member, kept only
+    while it matters)."""
+
+    def __init__(self, uses: int, seconds: float) -> None:
+        self.uses, self.seconds = uses, seconds
+        self._buckets: TTLCache[int, app_commands.Cooldown] = TTLCache(maxsize=100_000, ttl=seconds)
+
+    def check(self, user_id: int) -> None:
+        if self.uses <= 0:
+            return
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            bucket = self._buckets[user_id] = app_commands.Cooldown(self.uses, self.seconds)
+        retry_after = bucket.update_rate_limit()
+        if retry_after:
+            raise Refused(
+                f"Slow down: you can start {self.uses} jobs every {self.seconds:g} s. "
+                f"Try again in {max(1, round(retry_after))} s."
+            )
 
 
 def _random_seed() -> int:
@@ -76,6 +107,9 @@ class JobRequests:
         self.settings = bot.settings
         self.inputs_dir = inputs_dir
         self._intake = asyncio.Semaphore(INTAKE_CONCURRENCY)
+        self._decoding = asyncio.Semaphore(DECODE_CONCURRENCY)
+        discord_settings = bot.settings.discord
+        self._cooldown = MemberCooldown(discord_settings.cooldown_uses, discord_settings.cooldown_seconds)
 
     # ------------------------------------------------------------------ answers
     async def _say(self, interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
@@ -150,6 +184,7 @@ class JobRequests:
             refiner=has_refiner if refiner is None else refiner,
             max_image_bytes=self._image_byte_limit(interaction, count),
         )
+        await self._precheck(interaction, job.prompt, job.negative)
         params = _params(job)
         params["aspect"] = aspect or next(iter(aspects))
         await self._submit(interaction, job, params)
@@ -166,20 +201,16 @@ class JobRequests:
         count: int | None = None,
     ) -> None:
         gen = self.settings.generation
-        # By the size Discord reports, before downloading anything (the bytes are checked again).
+        prompt_text = validate.check_prompt(prompt, max_chars=gen.max_prompt_chars, required=False)
+        model_name = await self._model(interaction, model)
+        await self._precheck(interaction, prompt_text)
+        # By what Discord reports, before downloading anything (the bytes are checked again).
         validate.check_attachment_size(attachment.size, max_bytes=gen.max_attachment_bytes)
         if attachment.width and attachment.height and attachment.width * attachment.height > gen.max_attachment_pixels:
             raise Refused(
                 f"The image is {attachment.width}×{attachment.height}; attach one of at most "
                 f"{gen.max_attachment_pixels / 1e6:.0f} megapixels."
             )
-        prompt_text = validate.check_prompt(prompt, max_chars=gen.max_prompt_chars, required=False)
-        model_name = await self._model(interaction, model)
-        try:
-            data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
-        except (TimeoutError, discord.HTTPException):
-            raise Refused("I could not download your image in time: try again, or attach a smaller file.") from None
-        png, size = await self._prepare(data, upscale=False)
         common: dict[str, Any] = {
             "job_id": "pending",
             "prompt": prompt_text,
@@ -188,7 +219,7 @@ class JobRequests:
             "seed": _random_seed(),
             "sampler": gen.default_sampler,
             "model": model_name,
-            "image": png,
+            "image": b"",
         }
         job: Job
         if kind == "refine":
@@ -199,9 +230,22 @@ class JobRequests:
                 strength=validate.check_strength(strength if strength is not None else 0.6),
                 count=number,
                 max_image_bytes=self._image_byte_limit(interaction, number),
-                **{k: v for k, v in common.items()},
+                **common,
             )
-        await self._submit(interaction, job, _params(job), input_png=png, input_size=size)
+        # Every input is worked at about a megapixel whatever its size (validate.fit_size): when
+        # Discord does not report the size, a square prices it within a few percent.
+        reported = (attachment.width, attachment.height) if attachment.width and attachment.height else (1, 1)
+        expected = validate.input_work_size(*reported)
+        await self._check_quota(interaction, cost_units(job, input_size=expected))
+        async with self._decoding:
+            try:
+                data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
+            except (TimeoutError, discord.HTTPException):
+                raise Refused("I could not download your image in time: try again, or attach a smaller file.") from None
+            png, size = await self._prepare(data, upscale=False)
+        job = replace(job, image=png)
+        params = {**_params(job), "input_url": attachment.url}
+        await self._submit(interaction, job, params, input_png=png, input_size=size)
 
     async def _prepare(self, data: bytes, *, upscale: bool) -> tuple[bytes, tuple[int, int]]:
         gen = self.settings.generation
@@ -275,20 +319,6 @@ class JobRequests:
         record and its queue card text. Raises Refused (nothing charged) instead."""
         services = self.services
         guild_id, user = interaction.guild_id, interaction.user
-        if not self.bot.accepting:
-            raise Refused("The bot is restarting: try again in a minute.")
-        if guild_id is None and not self.settings.discord.allow_dms:
-            raise Refused("Image commands work in servers only here.")
-        if guild_id is not None:
-            _check_can_post(interaction)
-            ban = await services.moderation.get_ban(guild_id, user.id)
-            if ban is not None:
-                reason = f" Reason: {ban.reason}" if ban.reason else ""
-                raise Refused(f"You are banned from using the bot on this server.{reason}")
-        for text in (job.prompt, job.negative):
-            term = await self._blocked(guild_id, text)
-            if term:
-                raise Refused(f"Your prompt contains a blocked term (“{term}”): remove it and try again.")
         moderator = await is_moderator(interaction)
         priority = moderator or bool(set(role_ids(interaction)) & set(self.settings.discord.priority_roles))
         band = 0 if priority else 1
@@ -299,9 +329,11 @@ class JobRequests:
         input_path = None
         if input_png is not None:
             # Written before the job exists, so the engine never sees a job without its image.
-            self.inputs_dir.mkdir(parents=True, exist_ok=True)
-            input_path = self.inputs_dir / f"{job_id}.png"
-            await asyncio.to_thread(input_path.write_bytes, input_png)
+            try:
+                input_path = await asyncio.to_thread(services.outputs.save_input, job_id, input_png)
+            except StorageError as exc:
+                log.error("job=%s %s", job_id, exc)
+                raise Refused("I cannot store your image right now. Try again in a while.") from None
             params = {**params, "input": input_path.name, "input_size": list(input_size or (0, 0))}
         # Quota reservation and the job row are one transaction: no charge without its job.
         admitted = await services.jobs.enqueue(
@@ -320,8 +352,8 @@ class JobRequests:
         )
         if isinstance(admitted, Refusal):
             if input_path is not None:
-                input_path.unlink(missing_ok=True)
-            services.metrics.quota_refused(admitted.reason)
+                services.outputs.drop_input(job_id)
+            services.metrics.quota_refused(admitted.reason, guild_id)
             raise Refused(_quota_refusal(admitted, cost))
         record, reservation = admitted
         try:
@@ -337,21 +369,56 @@ class JobRequests:
             remaining=reservation.remaining,
         )
         text = queue_card(card)
-        if services.scheduler.paused:
+        if services.scheduler.server_paused(guild_id):
             text += "\nThe queue is paused by the moderators: your job will start when they resume it."
         return record, text
 
-    async def _blocked(self, guild_id: int | None, text: str) -> str | None:
-        if not text:
-            return None
-        term = self.services.blocked_term(text)
-        if term is None and guild_id is not None:
-            pattern = await self.services.moderation.matching_pattern(guild_id, text)
-            if pattern is not None:
-                # Show the member the words that matched, not the moderators' regex.
-                match = re.search(pattern, text, re.IGNORECASE)
-                term = (match.group(0) if match else "") or pattern
-        return term
+    # ------------------------------------------------------------------ the cheap refusals
+    async def _precheck(self, interaction: discord.Interaction, *texts: str) -> None:
+        """Everything that can refuse a request without reading or decoding anything, in order of
+        cost; every way a job starts passes here before any attachment or parent image is read."""
+        if not self.bot.accepting:
+            raise Refused("The bot is restarting: try again in a minute.")
+        self._cooldown.check(interaction.user.id)
+        guild_id = interaction.guild_id
+        if guild_id is None and not self.settings.discord.allow_dms:
+            raise Refused("Image commands work in servers only here.")
+        if guild_id is not None:
+            _check_can_post(interaction)
+        await self._check_not_banned(interaction)
+        for text in texts:
+            match = await self.services.blocklists.first_match(guild_id, text)
+            if match is not None:
+                # The words that matched, as the member wrote them, not the moderators' regex.
+                raise Refused(f"Your prompt contains a blocked term (“{match.shown}”): remove it and try again.")
+        self.services.scheduler.check_admission(interaction.user.id)
+
+    async def _check_not_banned(self, interaction: discord.Interaction) -> None:
+        """The operator's bans apply everywhere; a server's ban in that server, and in DMs too
+        (a member banned in any server the bot is in cannot get around it in a DM)."""
+        moderation, user_id, guild_id = self.services.moderation, interaction.user.id, interaction.guild_id
+        ban = await moderation.get_ban(EVERYWHERE, user_id)
+        if ban is not None:
+            reason = f" Reason: {ban.reason}" if ban.reason else ""
+            raise Refused(f"You are banned from using this bot.{reason}")
+        if guild_id is not None:
+            ban = await moderation.get_ban(guild_id, user_id)
+            if ban is not None:
+                reason = f" Reason: {ban.reason}" if ban.reason else ""
+                raise Refused(f"You are banned from using the bot on this server.{reason}")
+        elif any(self.bot.get_guild(g) is not None for g in await moderation.guilds_banning(user_id)):
+            raise Refused("You are banned from using the bot in a server it shares with you, so not in DMs either.")
+
+    async def _check_quota(self, interaction: discord.Interaction, cost: float) -> None:
+        """Refuse before any download when the member's allowance cannot pay the expected cost
+        (the reservation itself still decides, at the decoded size)."""
+        exempt = self.settings.quota.moderators_exempt and await is_moderator(interaction)
+        refusal = await self.services.quotas.would_refuse(
+            interaction.guild_id, interaction.user.id, role_ids(interaction), cost, exempt=exempt
+        )
+        if refusal is not None:
+            self.services.metrics.quota_refused(refusal.reason, interaction.guild_id)
+            raise Refused(_quota_refusal(refusal, cost))
 
     # ------------------------------------------------------------------ buttons
     async def _parent(self, job_id: str) -> JobRecord:
@@ -381,19 +448,43 @@ class JobRequests:
         async def run() -> None:
             parent = await self._parent(job_id)
             cls = JOB_KINDS[parent.kind]
-            params = {
-                **parent.params,
-                "seed": _random_seed(),
-                "parent": {"job": parent.id, "action": "reroll"},
-            }
-            input_png, input_size = None, None
-            if "input" in params:
-                input_png = await asyncio.to_thread((self.inputs_dir / params.pop("input")).read_bytes)
-                input_size = tuple(params.pop("input_size"))
+            params = {**parent.params, "seed": _random_seed(), "parent": {"job": parent.id, "action": "reroll"}}
+            params.pop("input", None)
+            input_size = params.pop("input_size", None)
+            prompts = [str(params.get("prompt", "")), str(params.get("negative", ""))]
+            await self._precheck(interaction, *prompts)
+            input_png = None
+            if input_size is not None:
+                async with self._decoding:
+                    data = await self._input_again(parent)
+                    input_png, _ = await self._prepare(data, upscale=parent.kind == "upscale")
             job = _job_from_params(cls, params, input_png)
-            await self._submit(interaction, job, _strip(params), input_png=input_png, input_size=input_size)
+            await self._submit(
+                interaction,
+                job,
+                params,
+                input_png=input_png,
+                input_size=tuple(input_size) if input_size else None,  # type: ignore[arg-type]
+            )
 
         await self._guarded_click(interaction, run)
+
+    async def _input_again(self, record: JobRecord) -> bytes:
+        """The image a finished image job started from, for a Reroll. Inputs are deleted when their
+        job ends, so it comes from where it came from: the image of the job it was made from (a
+        button), or the member's attachment on Discord (a command)."""
+        origin = record.params.get("origin") or {}
+        if "job" in origin:
+            return await self._parent_image(await self._parent(origin["job"]), int(origin.get("index", 0)))
+        url = record.params.get("input_url")
+        if url:
+            try:
+                return await asyncio.wait_for(self.bot.http.get_from_cdn(url), ATTACHMENT_FETCH_SECONDS)
+            except (TimeoutError, discord.HTTPException):
+                pass
+        raise Refused(
+            f"The image job `{record.id}` started from is no longer available: run the command again with the image."
+        )
 
     async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         await self._derived(interaction, job_id, index, "upscale")
@@ -407,8 +498,12 @@ class JobRequests:
     async def _derived(self, interaction: discord.Interaction, job_id: str, index: int, kind: str) -> None:
         async def run() -> None:
             parent = await self._parent(job_id)
-            data = await self._parent_image(parent, index)
-            png, size = await self._prepare(data, upscale=kind == "upscale")
+            await self._precheck(
+                interaction, str(parent.params.get("prompt", "")), str(parent.params.get("negative", ""))
+            )
+            async with self._decoding:
+                data = await self._parent_image(parent, index)
+                png, size = await self._prepare(data, upscale=kind == "upscale")
             gen = self.settings.generation
             seeds = parent.seeds or [parent.params.get("seed", 0)]
             base = {
@@ -440,7 +535,7 @@ class JobRequests:
             if kind == "upscale":
                 job = replace(job, max_image_bytes=self._image_byte_limit(interaction, 1))
             params = _params(job)
-            params["parent"] = {"job": parent.id, "index": index, "action": kind}
+            params["parent"] = params["origin"] = {"job": parent.id, "index": index, "action": kind}
             await self._submit(interaction, job, params, input_png=png, input_size=size)
 
         await self._guarded_click(interaction, run)
@@ -456,25 +551,77 @@ class JobRequests:
             answer.stop()
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The Delete button: the result message (the one clicked, checked with Discord to be a
+        result of this job), the original post if that was a re-post, and the stored images go;
+        the job is marked deleted, so `/job` says so instead of bringing the images back."""
         record = await self.services.jobs.get(job_id)
-        owner = record.owner_id if record else None
-        if interaction.user.id != owner and not await is_moderator(interaction):
+        if record is None or not await self._may_manage(interaction, record):
             await self._say(interaction, "Only the person who asked for this image or a moderator can delete it.")
+            return
+        clicked = await self._result_message(interaction, record)
+        if clicked is None:
+            await self._say(interaction, "That message is not a result of this job.")
             return
         try:
             await interaction.response.defer(ephemeral=True)
-            if interaction.message is not None:
-                await interaction.message.delete()
-            await interaction.followup.send(f"Deleted the result of job `{job_id}`.", ephemeral=True)
+            await clicked.delete()
+            if record.result_message_id not in (None, clicked.id):
+                original = self.bot.get_partial_messageable(record.channel_id).get_partial_message(
+                    record.result_message_id  # type: ignore[arg-type]
+                )
+                with contextlib.suppress(discord.NotFound):
+                    await original.delete()
         except discord.NotFound:
-            await self._say(interaction, "That message is already gone.")
+            pass  # already gone: the images still go
         except discord.Forbidden:
             await self._say(interaction, "I am not allowed to delete messages here.")
+            return
+        await self._forget_images(record)
+        await self.services.jobs.mark_deleted(record.id)
+        await self._say(interaction, f"Deleted the result of job `{job_id}` and its stored images.")
+
+    async def _may_manage(self, interaction: discord.Interaction, record: JobRecord) -> bool:
+        """The job's owner, a moderator of the job's own server, or the operator."""
+        if interaction.user.id == record.owner_id:
+            return True
+        if record.guild_id is not None and record.guild_id == interaction.guild_id and await is_moderator(interaction):
+            return True
+        return await is_operator(interaction)
+
+    async def _result_message(self, interaction: discord.Interaction, record: JobRecord) -> discord.Message | None:
+        """The clicked message as Discord has it, if it is the bot's and carries this job's result
+        buttons (a forged click names a job; only Discord's copy says what message it is)."""
+        if interaction.message is None or interaction.channel_id is None:
+            return None
+        channel = self.bot.get_partial_messageable(interaction.channel_id, guild_id=interaction.guild_id)
+        try:
+            message = await channel.fetch_message(interaction.message.id)
+        except discord.HTTPException:
+            return None
+        if self.bot.user is None or message.author.id != self.bot.user.id:
+            return None
+        wanted = f"atelier:delete:{record.id}"
+        buttons = (child for row in message.components for child in getattr(row, "children", ()))
+        return message if any(getattr(b, "custom_id", None) == wanted for b in buttons) else None
+
+    async def _forget_images(self, record: JobRecord) -> None:
+        paths = [str(image["path"]) for image in record.images if image.get("path")]
+        if paths:
+            await asyncio.to_thread(self.services.outputs.delete, paths)
+
+    async def erase_history(self, interaction: discord.Interaction) -> int:
+        """`/forget`: erase the member's prompts and images (the ledger's sums stay)."""
+        erased = await self.services.jobs.erase_history(interaction.user.id)
+        for record in erased:
+            await self._forget_images(record)
+        return len(erased)
 
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         await self.cancel_command(interaction, job_id, as_moderator=False)
 
-    async def cancel_command(self, interaction: discord.Interaction, job_text: str, *, as_moderator: bool) -> None:
+    async def cancel_command(
+        self, interaction: discord.Interaction, job_text: str, *, as_moderator: bool, as_operator: bool = False
+    ) -> None:
         job_id = normalize_job_id(job_text)
         record = await self.services.jobs.get(job_id) if job_id else None
         if record is None:
@@ -485,6 +632,8 @@ class JobRequests:
         )
         if as_moderator and record.guild_id != interaction.guild_id:
             allowed = False
+        if as_operator:
+            allowed = True  # the caller checked is_operator
         if not allowed:
             await self._say(interaction, "You can only cancel your own jobs.")
             return
@@ -498,10 +647,11 @@ class JobRequests:
         else:
             await self._say(interaction, f"Job `{record.id}` is finishing and can no longer be cancelled.")
 
-    async def cancel_all_for(self, guild_id: int | None, user_id: int) -> int:
+    async def cancel_all_for(self, guild_id: int | None, user_id: int, *, every_server: bool = False) -> int:
+        """Cancel (and refund) a member's queued jobs in one server, or everywhere (an operator ban)."""
         cancelled = 0
         for view in self.services.scheduler.queued_for(user_id):
-            if view.record.guild_id == guild_id and view.status == "queued":
+            if (every_server or view.record.guild_id == guild_id) and view.status == "queued":
                 cancelled += int(await self.services.scheduler.cancel(view.job_id))
         return cancelled
 
@@ -512,8 +662,14 @@ class JobRequests:
         if record is None:
             await self._say(interaction, f"There is no job `{job_text[:40]}`.")
             return
-        if record.guild_id is not None and record.guild_id != interaction.guild_id:
-            await self._say(interaction, "That job belongs to another server.")
+        if not await self._may_see(interaction, record):
+            await self._say(
+                interaction,
+                "You can post only your own jobs, or jobs from this channel. Ask its owner to share it.",
+            )
+            return
+        if record.deleted or record.params.get("erased"):
+            await self._say(interaction, f"Job `{record.id}` was deleted: its images are gone.")
             return
         if record.status != "done":
             await self._say(interaction, f"Job `{record.id}` is {record.status}; only finished jobs can be posted.")
@@ -523,6 +679,13 @@ class JobRequests:
             await self.services.delivery.repost(interaction, record)
         except Refused as exc:
             await interaction.followup.send(str(exc), ephemeral=True)
+
+    async def _may_see(self, interaction: discord.Interaction, record: JobRecord) -> bool:
+        """`/job` re-posts a job for its owner, for anyone in the channel it was posted in, for a
+        moderator of its own server, and for the operator: not for a stranger elsewhere."""
+        if interaction.user.id == record.owner_id or interaction.channel_id == record.channel_id:
+            return True
+        return await self._may_manage(interaction, record)
 
     async def show_quota(self, interaction: discord.Interaction) -> None:
         exempt = self.settings.quota.moderators_exempt and await is_moderator(interaction)
@@ -540,9 +703,16 @@ class JobRequests:
             return
         await self._say(interaction, "\n".join(_queue_line(v) for v in views))
 
-    async def show_whole_queue(self, interaction: discord.Interaction) -> None:
-        views = self.services.scheduler.snapshot()
-        paused = " (paused)" if self.services.scheduler.paused else ""
+    async def show_whole_queue(self, interaction: discord.Interaction, *, every_server: bool = False) -> None:
+        """`/mod queue`: this server's jobs (a moderator sees nothing of other servers);
+        `/operator queue` (`every_server`): all of them."""
+        scheduler = self.services.scheduler
+        views = scheduler.snapshot()
+        if every_server:
+            paused = " (paused)" if scheduler.paused else ""
+        else:
+            views = [v for v in views if v.record.guild_id == interaction.guild_id]
+            paused = " (paused)" if scheduler.server_paused(interaction.guild_id) else ""
         if not views:
             await self._say(interaction, f"The queue is empty{paused}.")
             return

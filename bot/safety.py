@@ -122,9 +122,7 @@ def validate_labels(labels: Iterable[str]) -> tuple[str, ...]:
     labels = tuple(labels)
     unknown = sorted(set(labels) - set(NUDENET_LABELS))
     if unknown:
-        raise ValueError(
-            f"unknown safety label(s) {', '.join(unknown)}; known labels: {', '.join(NUDENET_LABELS)}"
-        )
+        raise ValueError(f"unknown safety label(s) {', '.join(unknown)}; known labels: {', '.join(NUDENET_LABELS)}")
     return labels
 
 
@@ -253,9 +251,7 @@ class SafetyChecker:
                 )
                 log.warning("%s", self._failure)
                 raise self._failure from exc
-            log.info(
-                "safety classifier loaded (explicit labels: %s)", ", ".join(sorted(self.explicit_labels))
-            )
+            log.info("safety classifier loaded (explicit labels: %s)", ", ".join(sorted(self.explicit_labels)))
             return self._detector
 
     def _check_sync(self, image_bytes: bytes) -> SafetyVerdict:

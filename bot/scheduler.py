@@ -92,6 +92,8 @@ class JobRecordLike(Protocol):
     @property
     def owner_id(self) -> int: ...
     @property
+    def guild_id(self) -> int | None: ...
+    @property
     def cost(self) -> float: ...
     @property
     def band(self) -> int: ...
@@ -234,6 +236,7 @@ def describe_images(record: JobRecordLike, result: Result) -> list[dict[str, Any
 
 # Pauses before trying a job's final store write again (then it is left to start-up recovery).
 WRITE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
 
 # --------------------------------------------------------------------------- running state
 class _Running:
@@ -471,7 +474,7 @@ class Scheduler(Generic[R]):
 
     # ------------------------------------------------------------------ control
     def pause(self) -> None:
-        """Dispatch nothing new; running jobs continue."""
+        """Dispatch nothing new, for any server (the operator's pause); running jobs continue."""
         self._paused = True
 
     def resume(self) -> None:
@@ -481,6 +484,24 @@ class Scheduler(Generic[R]):
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def pause_server(self, guild_id: int | None, paused: bool = True) -> None:
+        """One server's moderators paused (or resumed) it: its jobs wait, the others run."""
+        if paused:
+            self._queue.pause_server(guild_id)
+        else:
+            self._queue.resume_server(guild_id)
+        self._publish_positions()
+        self._wake.set()
+
+    def set_paused_servers(self, guild_ids: Sequence[int | None]) -> None:
+        self._queue.set_paused_servers(guild_ids)
+        self._publish_positions()
+        self._wake.set()
+
+    def server_paused(self, guild_id: int | None) -> bool:
+        """Whether new jobs of this server wait (it, or everything, is paused)."""
+        return self._paused or self._queue.is_paused(guild_id)
 
     # ------------------------------------------------------------------ queries
     def position(self, job_id: str) -> int | None:
@@ -524,9 +545,9 @@ class Scheduler(Generic[R]):
             for st in sorted(self._running.values(), key=lambda s: s.started_at)
         ]
 
-    def depth_by_band(self) -> dict[int, int]:
-        """Queued jobs per (effective) band."""
-        return self._queue.depth_by_band()
+    def depth_by_band(self, guild_id: int | None = None, *, every_server: bool = True) -> dict[int, int]:
+        """Queued jobs per (effective) band, of one server unless ``every_server``."""
+        return self._queue.depth_by_band(guild_id, every_server=every_server)
 
     @property
     def estimator(self) -> EtaEstimator:
@@ -747,7 +768,10 @@ class Scheduler(Generic[R]):
             job = self._job_factory(st.record)
         except Exception as exc:
             log.exception("job=%s could not build the engine job", job_id)
-            await self._settle_failed(st, f"invalid job parameters: {exc}")
+            # A ValueError says what is wrong with the parameters; anything else (a missing input
+            # file, …) would show paths: its details stay in the log.
+            why = str(exc) if isinstance(exc, ValueError) else "its input image is missing"
+            await self._settle_failed(st, f"invalid job parameters: {why}")
             return
         st.phase = "engine"
         try:
@@ -763,10 +787,10 @@ class Scheduler(Generic[R]):
             st.phase = "finishing"
             await self._engine_failed(st, str(exc) or type(exc).__name__, retryable=exc.retryable)
             return
-        except Exception as exc:
+        except Exception:
             log.exception("job=%s the engine client raised", job_id)
             st.phase = "finishing"
-            await self._engine_failed(st, f"engine error: {exc!r}", retryable=True)
+            await self._engine_failed(st, "the engine hit an error", retryable=True)
             return
         st.phase = "finishing"
         await self._settle_done(st, result)
@@ -865,9 +889,9 @@ class Scheduler(Generic[R]):
                 images = await self._store_images(st.record, result)
             else:
                 images = describe_images(st.record, result)
-        except Exception as exc:
+        except Exception:
             log.exception("job=%s saving the images failed", st.job_id)
-            await self._settle_failed(st, f"could not save the images: {exc}")
+            await self._settle_failed(st, "could not save the images")
             return
         seeds = [image.seed for image in result.images]
         record = await self._write(
@@ -914,6 +938,7 @@ class Scheduler(Generic[R]):
             band=int(record.band),
             enqueued_at=enqueued_at,
             payload=record,
+            guild_id=record.guild_id,
         )
 
     def _slots(self) -> int:

@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.blocklists import Blocklists
 from bot.coordination import Coordinator, SharedDelivery, SharedScheduler, SharedStore
 from bot.delivery import Delivery
 from bot.metrics import JobObserver, Metrics
 from bot.requests import JobRequests, build_engine_job
 from bot.safety import SafetyChecker
-from bot.scheduler import Scheduler
+from bot.scheduler import Cancelled, Done, Failed, JobEvent, Scheduler
 from bot.storage import OutputStore
 from config.settings import Settings
 from db.coordination import NoticeSender
 from db.jobs import JobRecord, JobStore
 from db.migrate import upgrade
-from db.moderation import ModerationStore
+from db.moderation import EVERYWHERE, ModerationStore
 from db.quotas import QuotaStore
 from db.session import Database
 from engine.spec import EngineClient
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Bot-wide flags (the queue is shared by every server the bot is in) live on this guild id.
-GLOBAL_GUILD = 0
 PRUNE_EVERY_SECONDS = 3600.0
 SHARED_CACHE_SECONDS = 2.0
 
@@ -49,10 +47,10 @@ class Services:
     outputs: OutputStore
     safety: SafetyChecker
     metrics: Metrics
+    blocklists: Blocklists
     scheduler: Scheduler[JobRecord] = field(init=False)
     requests: JobRequests = field(init=False)
     delivery: Delivery = field(init=False)
-    config_blocklist: list[str] = field(default_factory=list)
     coordinator: Coordinator | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -67,21 +65,16 @@ class Services:
         known = ", ".join(f"`{n}`" for n in self.settings.models)
         return f"There is no model `{name}`. Pick one of: {known} (see `/model list`)."
 
-    def blocked_term(self, text: str) -> str | None:
-        for pattern in self.config_blocklist:
-            match = re.search(pattern, text, re.IGNORECASE)
-            if match:
-                return match.group(0) or pattern
-        return None
-
-    async def set_paused(self, paused: bool) -> None:
-        await self.moderation.set_paused(GLOBAL_GUILD, paused)
+    async def set_paused(self, scope: int, paused: bool) -> None:
+        """Pause or resume one server's jobs, or (scope EVERYWHERE, the operator's) all of them."""
+        await self.moderation.set_paused(scope, paused)
         if self.coordinator is not None:
             await self.coordinator.send("pause" if paused else "resume", None)
-        if paused:
-            self.scheduler.pause()
-        else:
-            self.scheduler.resume()
+        apply_pauses(self.scheduler, [scope] if paused else [], only=scope)
+
+    async def load_pauses(self) -> None:
+        """The pauses in the database (at start-up, and when another process changed one)."""
+        apply_pauses(self.scheduler, await self.moderation.paused_guilds())
 
     async def stop(self, grace: float) -> None:
         for task in self._tasks:
@@ -121,7 +114,7 @@ async def build_services(
         await safety.load()
     metrics = bot.metrics  # made with the bot: its HTTP trace counts Discord errors from the first request
     if settings.metrics.port:
-        metrics.start_http(settings.metrics.port)
+        metrics.start_http(settings.metrics.port, settings.metrics.host)
     engine = StartingEngine(engine_factory(settings))
     if not shared:  # shared: only the process that becomes the dispatcher starts its engine
         await engine.start()
@@ -136,7 +129,7 @@ async def build_services(
         outputs=outputs,
         safety=safety,
         metrics=metrics,
-        config_blocklist=list(settings.moderation.blocklist),
+        blocklists=Blocklists(moderation, settings.moderation.blocklist),
     )
     coordinator = Coordinator(services, notices, resync_seconds=settings.database.resync_seconds) if notices else None
     services.coordinator = coordinator
@@ -157,11 +150,11 @@ async def build_services(
         await coordinator.start_listening()
     services.requests = JobRequests(bot, services, inputs_dir=inputs_dir)
     scheduler.on_event(services.delivery.on_event)
+    scheduler.on_event(lambda event: _drop_input_when_ended(outputs, event))
     observer = JobObserver(metrics, scheduler, engine)
     scheduler.on_event(observer.on_event)
     services._tasks.append(asyncio.create_task(observer.run(), name="metrics-refresh"))
-    if (await moderation.get_settings(GLOBAL_GUILD)).paused:
-        scheduler.pause()
+    await services.load_pauses()
     await scheduler.start()
     if coordinator is not None:
         coordinator.start()  # recovery and pending posts happen when it becomes the dispatcher
@@ -169,14 +162,35 @@ async def build_services(
         for view in scheduler.snapshot():  # jobs recovered from the previous run
             services.delivery.track(view.record)
         services._tasks.append(asyncio.create_task(services.delivery.deliver_pending(), name="deliver-pending"))
-    services._tasks.append(asyncio.create_task(_prune_forever(outputs), name="prune-outputs"))
+    services._tasks.append(asyncio.create_task(_prune_forever(outputs, jobs), name="prune-outputs"))
     return services
 
 
-async def _prune_forever(outputs: OutputStore) -> None:
+def apply_pauses(scheduler: Scheduler[JobRecord], paused: list[int], *, only: int | None = None) -> None:
+    """Make the scheduler's pauses what `paused` says (scope EVERYWHERE pauses everything); with
+    `only`, just that one scope's."""
+    if only is None or only == EVERYWHERE:
+        if EVERYWHERE in paused:
+            scheduler.pause()
+        else:
+            scheduler.resume()
+    if only is None:
+        scheduler.set_paused_servers([g for g in paused if g != EVERYWHERE])
+    elif only != EVERYWHERE:
+        scheduler.pause_server(only, only in paused)
+
+
+def _drop_input_when_ended(outputs: OutputStore, event: JobEvent) -> None:
+    """An input image is kept only while a retry may need it: not once its job ended."""
+    if isinstance(event, Done | Failed | Cancelled):
+        outputs.drop_input(event.job_id)
+
+
+async def _prune_forever(outputs: OutputStore, jobs: JobStore) -> None:
     while True:
         try:
-            report = await asyncio.to_thread(outputs.prune)
+            active = {record.id for record in await jobs.list_by_status(["queued", "running"])}
+            report = await asyncio.to_thread(outputs.prune, active=active)
             if report.deleted_files:
                 log.info("pruned %d old output files (%d bytes)", report.deleted_files, report.deleted_bytes)
         except Exception:

@@ -1,7 +1,10 @@
-"""Finished images on local disk, so `/job id` can re-post a result after a restart.
+"""Finished images on local disk, so `/job id` can re-post a result after a restart, and the
+input images of jobs still queued or running.
 
 Layout: `<output_dir>/YYYY/MM/DD/<job_id>-<index>.<ext>` (UTC date of saving). Dated folders
-keep any one directory small and make pruning by age obvious to an operator with `ls`.
+keep any one directory small and make pruning by age obvious to an operator with `ls`. Inputs
+are `<output_dir>/inputs/<job_id>.png`: kept only while a retry may need them (the bot deletes
+one when its job ends), and counted in `max_gb` with the outputs.
 
 Why the details are the way they are:
 
@@ -13,8 +16,9 @@ Why the details are the way they are:
   `YYYY/MM/DD` folders. A mistyped `output_dir` pointing at a home directory therefore cannot
   delete anyone's files. It walks the tree once (os.scandir, one stat per file), deletes by
   age, then oldest-first until the total fits the cap, then removes emptied date folders.
-* `retention_days = 0` means "no age limit" and `max_gb = 0` means "no size cap" (both off
-  keeps everything). Sizes are GiB (1024³ bytes), as `df -h` reports them.
+* `keep_days = 0` means "no age limit" and `max_gb = 0` means "no size cap" (both off keeps
+  everything). Sizes are GiB (1024³ bytes), as `df -h` reports them. Inputs of active jobs
+  (`prune(active=...)`) are never deleted; other inputs are leftovers of a crash and go.
 * All methods are synchronous, short file operations; call `prune` via `asyncio.to_thread`
   (it may touch thousands of files), `save`/`read` are a single small file each.
 """
@@ -26,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +48,8 @@ STALE_TEMP_SECONDS = 3600.0
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 OUTPUT_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}-\d+\.(?:png|webp|jpg)")
 TEMP_NAME_PATTERN = re.compile(r"\.[A-Za-z0-9_-]{1,64}-\d+\.(?:png|webp|jpg)\.[0-9a-f]+\.tmp")
+INPUT_NAME_PATTERN = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})\.png")
+INPUTS = "inputs"
 DATE_PARTS = (re.compile(r"\d{4}"), re.compile(r"\d{2}"), re.compile(r"\d{2}"))
 
 
@@ -116,21 +123,63 @@ class OutputStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def prune(self, now: float | datetime | None = None) -> PruneReport:
-        """Delete images older than retention_days, then the oldest until the total ≤ max_gb."""
+    # ------------------------------------------------------------------ inputs
+    def input_path(self, job_id: str) -> Path:
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise ValueError(f"job id {job_id!r} is not a safe file name")
+        return self.root / INPUTS / f"{job_id}.png"
+
+    def save_input(self, job_id: str, data: bytes) -> Path:
+        """Write a job's input image (before the job exists, so the engine never sees a job
+        without its image); StorageError on any OSError."""
+        path = self.input_path(job_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            _unlink_quietly(path)
+            raise StorageError(_describe_os_error(exc, path)) from exc
+        return path
+
+    def drop_input(self, job_id: str) -> None:
+        """The job ended: its input is not needed any more."""
+        _unlink_quietly(self.input_path(job_id))
+
+    def delete(self, paths: list[str]) -> int:
+        """Delete stored images (a deleted result, an erased history); returns how many went.
+        Paths outside the output folder are refused, as in `read`."""
+        deleted = 0
+        for path in paths:
+            full = (self.root / path).resolve()
+            if not full.is_relative_to(self.root.resolve()):
+                raise ValueError(f"{path} is outside the output folder {self.root}")
+            try:
+                full.unlink()
+                deleted += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not delete %s: %s", full, exc.strerror or exc)
+        return deleted
+
+    def prune(self, now: float | datetime | None = None, *, active: Collection[str] = ()) -> PruneReport:
+        """Delete images older than keep_days and leftover inputs (of jobs not in `active`), then
+        the oldest images until images and inputs together fit in max_gb."""
         if isinstance(now, datetime):
             now = now.timestamp()
         current = datetime.now(UTC).timestamp() if now is None else float(now)
-        files, temps, dirs = self._scan()
+        files, temps, dirs, inputs = self._scan()
 
         doomed: list[_Entry] = [t for t in temps if current - t.mtime > STALE_TEMP_SECONDS]
+        live_inputs = [i for i in inputs if _input_job(i.path) in active]
+        doomed += [i for i in inputs if _input_job(i.path) not in active and current - i.mtime > STALE_TEMP_SECONDS]
         kept = files
-        if self.settings.retention_days > 0:
-            cutoff = current - self.settings.retention_days * DAY_SECONDS
+        if self.settings.keep_days > 0:
+            cutoff = current - self.settings.keep_days * DAY_SECONDS
             doomed += [f for f in files if f.mtime < cutoff]
             kept = [f for f in files if f.mtime >= cutoff]
         if self.settings.max_gb > 0:
-            cap = int(self.settings.max_gb * GIB)
+            cap = int(self.settings.max_gb * GIB) - sum(i.size for i in live_inputs)
             kept.sort(key=lambda f: (f.mtime, f.path))
             total = sum(f.size for f in kept)
             oldest = 0
@@ -173,11 +222,13 @@ class OutputStore:
             log.info("pruned outputs: %s", report)
         return report
 
-    def _scan(self) -> tuple[list[_Entry], list[_Entry], list[str]]:
-        """One walk over root/YYYY/MM/DD: our images, our temp files, and the date folders."""
+    def _scan(self) -> tuple[list[_Entry], list[_Entry], list[str], list[_Entry]]:
+        """One walk over root/YYYY/MM/DD: our images, our temp files, the date folders, and the
+        inputs in root/inputs."""
         files: list[_Entry] = []
         temps: list[_Entry] = []
         dirs: list[str] = []
+        inputs: list[_Entry] = []
 
         def walk(folder: str, depth: int) -> None:
             try:
@@ -186,6 +237,9 @@ class OutputStore:
                 return
             for entry in entries:
                 try:
+                    if depth == 0 and entry.name == INPUTS and entry.is_dir(follow_symlinks=False):
+                        walk_inputs(entry.path)
+                        continue
                     if depth < 3:
                         if DATE_PARTS[depth].fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
                             dirs.append(entry.path)
@@ -204,8 +258,18 @@ class OutputStore:
                     continue
                 bucket.append(_Entry(entry.path, stat.st_mtime, stat.st_size))
 
+        def walk_inputs(folder: str) -> None:
+            for entry in os.scandir(folder):
+                if INPUT_NAME_PATTERN.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    stat = entry.stat(follow_symlinks=False)
+                    inputs.append(_Entry(entry.path, stat.st_mtime, stat.st_size))
+
         walk(str(self.root), 0)
-        return files, temps, dirs
+        return files, temps, dirs, inputs
+
+
+def _input_job(path: str) -> str:
+    return Path(path).stem
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import discord
 
+from bot.permissions import serves
+
 if TYPE_CHECKING:
     from bot.app import AtelierBot
 
@@ -86,6 +88,9 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"$^"):
         )
         self.job_id = job_id
         self.index = index or 0
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return serves(interaction)  # a server outside [discord] guilds gets nothing
 
     @classmethod
     async def from_custom_id(
@@ -186,7 +191,7 @@ async def answer_unknown_button(interaction: discord.Interaction) -> None:
     if interaction.type is not discord.InteractionType.component:
         return
     custom_id = str((interaction.data or {}).get("custom_id") or "")
-    if is_issued_custom_id(custom_id):
+    if is_issued_custom_id(custom_id) or not serves(interaction):
         return
     log.info("unknown button %r from %s", custom_id[:120], interaction.user.id)
     try:

@@ -1,33 +1,33 @@
-"""Atelier's settings: shipped defaults ← the operator's TOML file ← environment variables.
+"""Atelier's settings: the defaults written in the classes below ← the operator's TOML file ←
+environment variables (pydantic-settings' own TOML and env sources).
 
 Every key can be overridden by `ATELIER_<SECTION>__<KEY>` (for example
 `ATELIER_ENGINE__DEVICE=cuda`). The contract also names a few short variables
 (`ATELIER_DATABASE_URL`, `ATELIER_DISCORD_API_BASE`, `ATELIER_DISCORD_GATEWAY`,
-`ATELIER_DEV_GUILD_ID`); they win over everything else. A `[models]` section in the
-operator's file replaces the shipped model list instead of merging into it, because a
-half-merged model list (the shipped hub model plus the operator's local one) is never
-what an operator means.
+`ATELIER_DEV_GUILD_ID`); they win over everything else. A `[models]` or `[generation.aspects]`
+table replaces the default one instead of merging into it (see WHOLE_TABLES).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
-DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 DEFAULT_CONFIG_PATH = Path("config/atelier.toml")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -51,16 +51,49 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a URL's host is this machine (where plain http cannot leak the token)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class DiscordSettings(Section):
     api_base: str = "https://discord.com/api/v10"
     gateway: str = "wss://gateway.discord.gg/"
     dev_guild_id: int = 0
-    allow_dms: bool = True
+    # Servers the bot may serve; empty = any server. Anyone can add a public bot to a server
+    # they own, so an operator who wants one community lists it here (the bot leaves the others).
+    guilds: list[int] = Field(default_factory=list)
+    allow_dms: bool = False
     moderator_roles: list[int] = Field(default_factory=list)
     priority_roles: list[int] = Field(default_factory=list)
     shard_count: int = Field(0, ge=0)
     shard_ids: list[int] = Field(default_factory=list)
     http_connections: int = Field(32, ge=0)
+    # Per member: at most `cooldown_uses` commands and clicks that start jobs per
+    # `cooldown_seconds` (0 uses = no cooldown). Refused ones cost nothing and touch nothing.
+    cooldown_uses: int = Field(10, ge=0)
+    cooldown_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("api_base", "gateway")
+    @classmethod
+    def _encrypted_unless_local(cls, url: str) -> str:
+        # The bot token travels in every REST request's header: never in clear over a network.
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("https", "wss", "http", "ws"):
+            raise ValueError(f"{url!r} must be an https:// (wss:// for the gateway) URL")
+        if parsed.scheme in ("http", "ws") and not is_loopback_host(parsed.hostname):
+            raise ValueError(
+                f"{url!r} is not encrypted: use https:// (wss:// for the gateway); plain http is only "
+                "allowed for a server on this machine (127.0.0.1, ::1, localhost)"
+            )
+        return url
 
     @model_validator(mode="after")
     def _shards_in_range(self) -> DiscordSettings:
@@ -120,9 +153,9 @@ class EngineSettings(Section):
 
     @field_validator("upscaler")
     @classmethod
-    def _no_pickle_upscaler(cls, path: str) -> str:
-        if path.lower().endswith(PICKLE_SUFFIXES):
-            raise ValueError(f"{path!r} is a pickle checkpoint; use a .safetensors file")
+    def _safetensors_upscaler(cls, path: str) -> str:
+        if path and not path.lower().endswith(".safetensors"):
+            raise ValueError(f"{path!r}: the upscaler must be a .safetensors file (nothing else is read)")
         return path
 
 
@@ -143,13 +176,28 @@ class GenerationSettings(Section):
     default_sampler: str = "dpmpp_2m_karras"
     max_prompt_chars: int = Field(1500, ge=1, le=6000)
     max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_attachment_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    # SDXL works at about 1 megapixel: 4 MP leaves room for edits and upscales of large images
+    # while keeping what one upload makes the bot decode to ~12 MB of pixels.
+    max_attachment_pixels: int = Field(2048 * 2048, ge=64 * 64)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     upscale_strength: float = Field(0.3, ge=0.05, le=1.0)
     upscale_steps: int = Field(20, ge=1, le=60)
     upscale_max_side: int = Field(4096, ge=512)
-    aspects: dict[str, str] = Field(default_factory=lambda: {"1:1": "1024x1024"})
+    # SDXL's training buckets (about one megapixel each); the first is the default choice.
+    aspects: dict[str, str] = Field(
+        default_factory=lambda: {
+            "1:1": "1024x1024",
+            "4:5": "896x1152",
+            "5:4": "1152x896",
+            "2:3": "832x1216",
+            "3:2": "1216x832",
+            "9:16": "768x1344",
+            "16:9": "1344x768",
+            "9:21": "640x1536",
+            "21:9": "1536x640",
+        }
+    )
 
     @field_validator("aspects")
     @classmethod
@@ -183,6 +231,9 @@ class ModelSettings(Section):
     refiner: str = ""
     base_config: str = ""
     refiner_config: str = ""
+    # For hub ids: the commit (or tag) to load, so an upstream change never arrives unreviewed.
+    base_revision: str = ""
+    refiner_revision: str = ""
     default: bool = False
     description: str = ""
 
@@ -227,27 +278,22 @@ class SafetySettings(Section):
 
 class StorageSettings(Section):
     output_dir: str = "data/outputs"
-    retention_days: float = Field(30, ge=0)
+    # Outputs and inputs older than this are deleted (0 = kept until max_gb needs the room).
+    # `retention_days` is this key's earlier name.
+    keep_days: float = Field(30, ge=0, validation_alias=AliasChoices("keep_days", "retention_days"))
     max_gb: float = Field(20.0, ge=0)
 
 
 class ModerationSettings(Section):
-    # Operator-wide blocklist (regex, case-insensitive), checked besides each server's own list.
+    # Operator-wide blocklist (RE2 regular expressions, case-insensitive), checked in every server
+    # and DM besides each server's own list; the bot compiles them at start-up (bot.blocklists).
     blocklist: list[str] = Field(default_factory=list)
-
-    @field_validator("blocklist")
-    @classmethod
-    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
-        return patterns
 
 
 class MetricsSettings(Section):
     port: int = Field(0, ge=0, le=65535)
+    # Loopback by default: the metrics name servers and users' activity; open it on purpose.
+    host: str = "127.0.0.1"
 
 
 class LoggingSettings(Section):
@@ -266,7 +312,15 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    models: dict[str, ModelSettings] = Field(
+        default_factory=lambda: {
+            "sdxl": ModelSettings(
+                base="stabilityai/stable-diffusion-xl-base-1.0",
+                refiner="stabilityai/stable-diffusion-xl-refiner-1.0",
+                default=True,
+            )
+        }
+    )
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     safety: SafetySettings = Field(default_factory=SafetySettings)
@@ -302,45 +356,67 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            ShortEnvSource(settings_cls),
-            env_settings,
-            TomlFilesSource(settings_cls),
-        )
+        # Highest first: what the program passes, the contract's short env names, ATELIER_* env,
+        # then the operator's file. Defaults are the classes' own.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, ShortEnvSource(settings_cls), env_settings]
+        path = config_path_from_env(os.environ)
+        if path is not None:
+            sources.append(_operator_file(settings_cls, path))
+        return tuple(WholeTables(settings_cls, source, higher=sources[:i]) for i, source in enumerate(sources))
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+# Tables a source gives whole: a model list or a size list half-merged from two places (the
+# shipped hub model plus the operator's local one) is never what anyone means. The plain rule:
+# the highest source that has such a table gives all of it.
+WHOLE_TABLES: tuple[tuple[str, ...], ...] = (("models",), ("generation", "aspects"))
+
+
+def _has(data: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(data, Mapping) or key not in data:
+            return False
+        data = data[key]
+    return True
+
+
+class WholeTables(PydanticBaseSettingsSource):
+    """A source without the WHOLE_TABLES that a higher source already gives."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        inner: PydanticBaseSettingsSource,
+        *,
+        higher: list[PydanticBaseSettingsSource],
+    ) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+        self.higher = higher
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner()
+        given = [source() for source in self.higher]
+        for path in WHOLE_TABLES:
+            if _has(data, path) and any(_has(higher, path) for higher in given):
+                *parents, last = path
+                table = data
+                for key in parents:
+                    table[key] = dict(table[key])  # a copy: the inner source's data stays as it was
+                    table = table[key]
+                del table[last]
+        return data
+
+
+def _operator_file(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def merged_toml(config_path: Path | None) -> dict[str, Any]:
-    """Shipped defaults with the operator's file merged over them ([models] replaced whole)."""
-    data = _read_toml(DEFAULTS_FILE)
-    if config_path is not None:
-        user = _read_toml(config_path)
-        if "models" in user:
-            data.pop("models", None)
-        if "aspects" in (user.get("generation") or {}):
-            data.get("generation", {}).pop("aspects", None)  # the operator's sizes replace ours
-        data = deep_merge(data, user)
-    return data
 
 
 def config_path_from_env(environ: Mapping[str, str]) -> Path | None:
@@ -352,29 +428,6 @@ def config_path_from_env(environ: Mapping[str, str]) -> Path | None:
             raise ConfigError(f"ATELIER_CONFIG: no such file {explicit}")
         return path
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
-
-
-# Set while load_settings() is given its own [models]: like a [models] table in the operator's
-# file, programmatic models replace the file's list instead of merging into it.
-_MODELS_GIVEN: ContextVar[bool] = ContextVar("models_given", default=False)
-# The same for [generation.aspects]: the sizes given replace the shipped buckets, not extend them.
-_ASPECTS_GIVEN: ContextVar[bool] = ContextVar("aspects_given", default=False)
-
-
-class TomlFilesSource(PydanticBaseSettingsSource):
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        self._data = merged_toml(config_path_from_env(os.environ))
-        if _MODELS_GIVEN.get():
-            self._data.pop("models", None)
-        if _ASPECTS_GIVEN.get():
-            self._data.get("generation", {}).pop("aspects", None)
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self._data
 
 
 class ShortEnvSource(PydanticBaseSettingsSource):
@@ -399,9 +452,6 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Load and validate the settings; raise ConfigError with one line naming the bad key."""
-    token = _MODELS_GIVEN.set("models" in overrides)
-    generation = overrides.get("generation")
-    aspects_token = _ASPECTS_GIVEN.set(isinstance(generation, Mapping) and "aspects" in generation)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -409,9 +459,6 @@ def load_settings(**overrides: Any) -> Settings:
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ConfigError(f"invalid config: {_describe(first)}{suffix}") from None
-    finally:
-        _MODELS_GIVEN.reset(token)
-        _ASPECTS_GIVEN.reset(aspects_token)
 
 
 def read_token(environ: Mapping[str, str]) -> str:

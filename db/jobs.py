@@ -111,10 +111,15 @@ class JobRecord:
     images: list[dict[str, Any]]
     seeds: list[int]
     seconds: float | None
+    deleted_at: datetime | None = None
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @classmethod
     def from_row(cls, j: Job) -> JobRecord:
@@ -140,6 +145,7 @@ class JobRecord:
             images=[dict(i) for i in (j.images or [])],
             seeds=list(j.seeds or []),
             seconds=j.seconds,
+            deleted_at=j.deleted_at,
         )
 
 
@@ -517,6 +523,28 @@ class JobStore:
             row.result_message_id, row.images = message_id, [dict(i) for i in images]
             return JobRecord.from_row(row)
 
+    async def mark_deleted(self, job_id: str) -> JobRecord:
+        """The result was deleted: no images any more (the files are the caller's to remove)."""
+        async with self.db.session() as s:
+            row = await self._locked(s, job_id)
+            row.deleted_at, row.images = self.clock(), []
+            return JobRecord.from_row(row)
+
+    async def erase_history(self, owner_id: int) -> list[JobRecord]:
+        """A member's "forget me": the prompts and images of every job of theirs that ended are
+        erased (the ledger's sums stay: quotas must still add up). Returns the records as they
+        were, so the caller can remove the image files."""
+        stmt = select(Job).where(Job.owner_id == owner_id, Job.status.in_(FINAL_STATUSES)).with_for_update()
+        async with self.db.session() as s:
+            rows = (await s.execute(stmt)).scalars().all()
+            before = [JobRecord.from_row(row) for row in rows]
+            for row in rows:
+                row.params = erased_params(row.params or {})
+                row.images, row.error = [], None
+                if row.status == "done" and row.deleted_at is None:
+                    row.deleted_at = self.clock()
+            return before
+
     # ----------------------------------------------------------------- queries
     async def list_for_user(
         self, guild_id: int | None, user_id: int, statuses: Iterable[str] = ACTIVE_STATUSES
@@ -554,6 +582,14 @@ class JobStore:
             mean_wait_seconds=sum(waits) / len(waits) if waits else None,
             run_seconds=float(sum(r.seconds or 0.0 for r in rows if r.status == "done")),
         )
+
+
+# What an erased job keeps of its parameters: how big it was, nothing of what it showed.
+KEPT_WHEN_ERASED = ("kind", "width", "height", "steps", "count", "strength", "model", "sampler")
+
+
+def erased_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: params[key] for key in KEPT_WHEN_ERASED if key in params} | {"erased": True}
 
 
 def _statuses(statuses: Iterable[str]) -> list[str]:

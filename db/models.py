@@ -189,6 +189,8 @@ class Job(Base):
     images: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     seeds: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Set when the owner or a moderator deleted the result (its images are gone too).
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class Ban(Base):

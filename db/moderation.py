@@ -1,9 +1,10 @@
 """Moderation state: bans, prompt blocklists, guild settings and user preferences.
 
-Blocklist patterns are case-insensitive regular expressions checked against prompts. They are
-validated when added (they must compile, must not match empty text, which would block every
-prompt, and must not nest quantifiers like ``(a+)+``, the classic catastrophic-backtracking
-shape) so that a moderator typo cannot take the bot down.
+Blocklist patterns are stored as moderators wrote them; compiling them (RE2, linear time) and
+matching prompts is ``engine.blocklist``'s job, done by the bot before a pattern is added.
+
+Bans, patterns and settings stored for guild ``EVERYWHERE`` (0) are the operator's: they apply in
+every server and in DMs (a settings row 0 that is paused pauses everything).
 
 Every slash command reads the member's ban, the guild's blocklist and settings and the member's
 default model before anything else, so these reads are cached in memory: a burst of commands
@@ -16,7 +17,6 @@ process always sees its own writes at once. When several processes share the dat
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -31,34 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import Ban, BlocklistPattern, GuildSettings, UserPreference, utcnow
 from db.session import Database
 
-__all__ = ["BanRecord", "GuildSettingsRecord", "InvalidPattern", "ModerationStore", "validate_pattern"]
+__all__ = ["EVERYWHERE", "BanRecord", "GuildSettingsRecord", "ModerationStore"]
 
-MAX_PATTERN_LENGTH = 300
+EVERYWHERE = 0
+"""The guild id of the operator's bans, blocklist and pause, which apply in every server and DM."""
 CACHE_ENTRIES = 50_000  # guilds' settings/bans/patterns and members' default models, LRU
 T = TypeVar("T")
-# A group containing a quantifier, itself quantified: (a+)+, (\w*\s?)*, (x{2,})+ ...
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*?(?:[+*]|\{\d*,\d*\})(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
-
-
-class InvalidPattern(ValueError):
-    """A blocklist pattern that was refused; the message says why, for the moderator."""
-
-
-def validate_pattern(pattern: str) -> re.Pattern[str]:
-    """Compile a blocklist pattern or raise ``InvalidPattern`` with a human reason."""
-    if not pattern or not pattern.strip():
-        raise InvalidPattern("the pattern is empty")
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        raise InvalidPattern(f"the pattern is longer than {MAX_PATTERN_LENGTH} characters")
-    try:
-        compiled = re.compile(pattern, re.IGNORECASE)
-    except re.error as exc:
-        raise InvalidPattern(f"not a valid regular expression: {exc}") from exc
-    if compiled.search("") is not None:
-        raise InvalidPattern("the pattern matches empty text, so it would block every prompt")
-    if _NESTED_QUANTIFIER.search(pattern):
-        raise InvalidPattern("nested repetition like (a+)+ can hang the matcher; simplify the pattern")
-    return compiled
 
 
 @dataclass(frozen=True)
@@ -179,6 +157,12 @@ class ModerationStore:
     async def is_banned(self, guild_id: int, user_id: int) -> bool:
         return await self.get_ban(guild_id, user_id) is not None
 
+    async def guilds_banning(self, user_id: int) -> list[int]:
+        """Every guild that banned this user (for DMs, where a server ban follows the member)."""
+        async with self.db.session(write=False) as s:
+            rows = await s.execute(select(Ban.guild_id).where(Ban.user_id == user_id))
+            return sorted(rows.scalars())
+
     async def list_bans(self, guild_id: int) -> list[BanRecord]:
         async with self.db.session(write=False) as s:
             rows = await s.execute(select(Ban).where(Ban.guild_id == guild_id).order_by(Ban.created_at))
@@ -186,8 +170,8 @@ class ModerationStore:
 
     # -------------------------------------------------------------- blocklist
     async def add_pattern(self, guild_id: int, pattern: str, *, added_by: int | None = None) -> bool:
-        """Add a pattern (validated, see ``validate_pattern``); False if already present."""
-        validate_pattern(pattern)
+        """Add a pattern (the caller has compiled it: ``engine.blocklist.compile_pattern``);
+        False if already present."""
         try:
             async with self._writing(("patterns", guild_id)) as s:
                 exists = await s.scalar(
@@ -212,26 +196,17 @@ class ModerationStore:
             return bool(getattr(result, "rowcount", 0))
 
     async def list_patterns(self, guild_id: int) -> list[str]:
-        return [pattern for pattern, _ in await self._patterns(guild_id)]
+        """The guild's patterns in the order they were added (a new list: callers may keep it)."""
+        return list(await self._cache.get(("patterns", guild_id), lambda: self._read_patterns(guild_id)))
 
-    async def _patterns(self, guild_id: int) -> list[tuple[str, re.Pattern[str] | None]]:
-        return await self._cache.get(("patterns", guild_id), lambda: self._read_patterns(guild_id))
-
-    async def _read_patterns(self, guild_id: int) -> list[tuple[str, re.Pattern[str] | None]]:
+    async def _read_patterns(self, guild_id: int) -> tuple[str, ...]:
         async with self.db.session(write=False) as s:
             rows = await s.execute(
                 select(BlocklistPattern.pattern)
                 .where(BlocklistPattern.guild_id == guild_id)
                 .order_by(BlocklistPattern.id)
             )
-            return [(pattern, _compiled(pattern)) for pattern in rows.scalars()]
-
-    async def matching_pattern(self, guild_id: int, text: str) -> str | None:
-        """The first blocklist pattern found in ``text`` (case-insensitive), or None."""
-        for pattern, compiled in await self._patterns(guild_id):
-            if compiled is not None and compiled.search(text):
-                return pattern
-        return None
+            return tuple(rows.scalars())
 
     # --------------------------------------------------------- guild settings
     async def get_settings(self, guild_id: int) -> GuildSettingsRecord:
@@ -281,6 +256,13 @@ class ModerationStore:
             row.paused, row.updated_at = paused, self.clock()
             return _settings(row)
 
+    async def paused_guilds(self) -> list[int]:
+        """Every guild whose moderators paused it (read from the database, never cached: it is
+        read at start-up and when another process says a pause changed)."""
+        async with self.db.session(write=False) as s:
+            rows = await s.execute(select(GuildSettings.guild_id).where(GuildSettings.paused.is_(True)))
+            return sorted(rows.scalars())
+
     # ------------------------------------------------------- user preferences
     async def get_user_default_model(self, user_id: int) -> str | None:
         # The whole (small: only members who chose a model) table in one read, so that the many
@@ -300,13 +282,6 @@ class ModerationStore:
                 s.add(UserPreference(user_id=user_id, default_model=name, updated_at=self.clock()))
             else:
                 row.default_model, row.updated_at = name, self.clock()
-
-
-def _compiled(pattern: str) -> re.Pattern[str] | None:
-    try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error:  # stored before validation existed: ignore rather than crash
-        return None
 
 
 def _unique(ids: Iterable[int]) -> list[int]:

@@ -332,18 +332,9 @@ class QuotaStore:
         totals = await window_totals(s, g, user_id, now, self.window)
         if existing is not None:  # idempotent: the same job asked again
             return self._reservation(job_id, g, user_id, existing.reserved, limit, totals, existing.reserved_at)
-        if limit is not None and (limit <= 0 or totals.net + units > limit + EPSILON):
-            state = await window_state(s, g, user_id, now, self.window)  # details for the refusal
-            return Refusal(
-                units=units,
-                limit=limit,
-                used=state.charged,
-                remaining=_remaining(limit, state) or 0.0,
-                granted=state.granted,
-                resets_at=state.resets_at(),
-                retry_at=state.room_at(limit, units),
-                reason="blocked" if limit <= 0 else "over_quota",
-            )
+        refusal = await self._refusal_in(s, g, user_id, limit, totals, units, now)
+        if refusal is not None:
+            return refusal
         s.add(
             LedgerEntry(
                 guild_id=g,
@@ -446,6 +437,44 @@ class QuotaStore:
                 )
                 cleared += units
             return round(cleared, 9)
+
+    async def _refusal_in(
+        self,
+        s: AsyncSession,
+        g: int,
+        user_id: int,
+        limit: float | None,
+        totals: WindowTotals,
+        units: float,
+        now: datetime,
+    ) -> Refusal | None:
+        if limit is None or (limit > 0 and totals.net + units <= limit + EPSILON):
+            return None
+        state = await window_state(s, g, user_id, now, self.window)  # details for the refusal
+        return Refusal(
+            units=units,
+            limit=limit,
+            used=state.charged,
+            remaining=_remaining(limit, state) or 0.0,
+            granted=state.granted,
+            resets_at=state.resets_at(),
+            retry_at=state.room_at(limit, units),
+            reason="blocked" if limit <= 0 else "over_quota",
+        )
+
+    async def would_refuse(
+        self, guild_id: int | None, user_id: int, role_ids: Iterable[int], units: float, *, exempt: bool = False
+    ) -> Refusal | None:
+        """The refusal ``reserve`` would give now, read without writing anything (so a request
+        that would be refused is refused before its attachment is downloaded). ``reserve`` still
+        decides: allowances may change in between."""
+        _check_units(units)
+        g = _guild(guild_id)
+        now = self.clock()
+        async with self.db.session(write=False) as s:
+            limit, _ = await self._limit_in(s, g, user_id, role_ids, exempt)
+            totals = await window_totals(s, g, user_id, now, self.window)
+            return await self._refusal_in(s, g, user_id, limit, totals, units, now)
 
     async def status(
         self, guild_id: int | None, user_id: int, role_ids: Iterable[int] = (), *, exempt: bool = False

@@ -80,8 +80,16 @@ class ActivityStats:
     """Engine time of the jobs created since ``busy_since`` (see the module docstring)."""
 
 
-async def activity_since(db: Database, since: datetime, *, busy_since: datetime | None = None) -> ActivityStats:
-    """The figures of `/mod stats` for jobs created at or after ``since`` (aware UTC)."""
+async def activity_since(
+    db: Database,
+    since: datetime,
+    *,
+    busy_since: datetime | None = None,
+    every_server: bool = True,
+    guild_id: int | None = None,
+) -> ActivityStats:
+    """The figures of `/mod stats` for jobs created at or after ``since`` (aware UTC): of every
+    server (the operator's view), or else of the one server ``guild_id`` (None: DMs)."""
     busy_since = since if busy_since is None else max(since, busy_since)
     wait = seconds_between(Job.started_at, Job.created_at)
     ran = case(
@@ -93,6 +101,8 @@ async def activity_since(db: Database, since: datetime, *, busy_since: datetime 
         else_=None,
     )
     in_window = Job.created_at >= since
+    if not every_server:
+        in_window = and_(in_window, Job.guild_id.is_(None) if guild_id is None else Job.guild_id == guild_id)
     aggregate = select(
         func.count(),
         func.count(func.distinct(Job.owner_id)),

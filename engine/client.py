@@ -299,7 +299,8 @@ class LocalEngineClient:
             raise
         except Exception as exc:  # OSError from spawning (no memory, too many open files…)
             self._detail = f"failed to start: {exc}"
-            raise EngineError(f"The engine could not be started: {exc}", retryable=True) from exc
+            log.error("the engine could not be started: %s", exc)
+            raise EngineError("The engine could not be started.", retryable=True) from exc
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,7 +367,8 @@ class LocalEngineClient:
         if isinstance(message, Fatal):
             await self._join(process, TERMINATE_WAIT)
             self._detail = f"failed to start: {message.message}"
-            raise EngineError(f"The engine failed to start: {message.message}", retryable=False)
+            log.error("the engine failed to start: %s", message.message)
+            raise EngineError("The engine failed to start: tell the bot's operator.", retryable=False)
         if not isinstance(message, Ready):
             await self._join(process, TERMINATE_WAIT)
             self._detail = f"exited during start-up (exit code {process.exitcode})"

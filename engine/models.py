@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -27,12 +25,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from config.settings import PICKLE_SUFFIXES, EngineSettings, ModelSettings
+from config.settings import EngineSettings, ModelSettings
 from engine.accel import (
     AccelError,
     AccelReport,
@@ -42,118 +40,9 @@ from engine.accel import (
     resolve_device,
     resolve_dtype,
 )
+from engine.weights import ModelLoadError, ModelSource, hub_offline
 
 log = logging.getLogger(__name__)
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SourceKind = Literal["hub", "folder", "single_file"]
-
-
-class ModelLoadError(Exception):
-    """A model cannot be loaded; the message says what to change, in operator terms."""
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _pickle_refusal(what: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"{what} is a pickle checkpoint, which can run arbitrary code when loaded; "
-        "convert it to .safetensors (or use the diffusers folder with .safetensors weights)"
-    )
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where one pipeline (base or refiner) comes from."""
-
-    kind: SourceKind
-    location: str
-    # For a single file: the diffusers-format config folder (or hub id) passed as `config=`.
-    config: str = ""
-    # A weights variant found in a local folder ("fp16" when only *.fp16.safetensors exist).
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, source: str, config: str = "", *, role: str = "base") -> ModelSource:
-        """Classify `source` (a `base` or `refiner` value); raise ModelLoadError when unusable."""
-        source = source.strip()
-        key = role  # the config key named in messages
-        if not source:
-            raise ModelLoadError(f"{key} is empty: set it to a hub id, a diffusers folder or a .safetensors file")
-        if source.lower().endswith(PICKLE_SUFFIXES):
-            raise _pickle_refusal(f"{key} = {source!r}")
-        path = Path(source).expanduser()
-        config = config.strip()
-        if path.is_dir():
-            if config:
-                log.warning("%s_config is ignored for the diffusers folder %s", role, source)
-            return cls("folder", str(path), variant=_check_folder(path, key))
-        if path.is_file():
-            if path.suffix.lower() != ".safetensors":
-                raise ModelLoadError(
-                    f"{key} = {source!r}: only .safetensors single files are supported "
-                    "(or a diffusers folder, or a hub id)"
-                )
-            return cls("single_file", str(path), config=_check_config(config, role))
-        if source.lower().endswith(".safetensors"):
-            raise ModelLoadError(f"{key} = {source!r}: no such file")
-        looks_local = source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") != 1
-        if looks_local or not HUB_ID.match(source):
-            raise ModelLoadError(
-                f"{key} = {source!r}: no such folder or file (and it is not a hub id of the form org/name)"
-            )
-        return cls("hub", source)
-
-    @property
-    def label(self) -> str:
-        return {"hub": "hub", "folder": "folder", "single_file": "single file"}[self.kind]
-
-    def describe(self) -> str:
-        return f"{self.label} {self.location}"
-
-
-def _check_config(config: str, role: str) -> str:
-    if not config:
-        return ""
-    path = Path(config).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"{role}_config = {config!r} has no model_index.json: it must be a diffusers-format folder "
-                "(model_index.json, each component's config.json, the scheduler config and the tokenizers)"
-            )
-        return str(path)
-    if HUB_ID.match(config) and not config.startswith((".", "/", "~")):
-        return config
-    raise ModelLoadError(f"{role}_config = {config!r}: no such folder")
-
-
-def _check_folder(path: Path, key: str) -> str | None:
-    """A diffusers folder must have model_index.json and safetensors weights for every model component.
-    Returns the weights variant to load ("fp16" when a folder holds only the fp16 variant files)."""
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{key} = {str(path)!r} has no model_index.json: it is not a diffusers pipeline folder")
-    variants: set[str | None] = set()
-    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-        weights = [f.name for f in sub.iterdir() if f.is_file()]
-        safetensors = [n for n in weights if n.endswith(".safetensors")]
-        pickles = [n for n in weights if n.lower().endswith(PICKLE_SUFFIXES)]
-        if pickles and not safetensors:
-            raise _pickle_refusal(f"{key} = {str(path)!r} ({sub.name}/{pickles[0]})")
-        if safetensors:
-            # model.safetensors or model-00001-of-00002.safetensors, versus model.fp16.safetensors
-            plain = [n for n in safetensors if n.count(".") == 1]
-            if plain:
-                variants.add(None)
-            else:
-                # name.fp16.safetensors, or sharded name.fp16-00001-of-00002.safetensors
-                variants.update(n.split(".")[-2].split("-")[0] for n in safetensors)
-    if None in variants or not variants:
-        return None
-    return sorted(v for v in variants if v)[0]
 
 
 @dataclass
@@ -278,10 +167,12 @@ def _from_pretrained(cls: Any, source: ModelSource, dtype: torch.dtype, role: st
         if dtype in (torch.float16, torch.bfloat16):
             # The SDXL repos ship half-size fp16 files: take them when there, else the full ones.
             try:
-                return cls.from_pretrained(source.location, local_files_only=offline, variant="fp16", **kwargs)
+                return cls.from_pretrained(
+                    source.location, local_files_only=offline, variant="fp16", revision=source.revision, **kwargs
+                )
             except (OSError, ValueError) as exc:
                 log.info("no fp16 variant of %s (%s); loading the default weights", source.location, exc)
-        return cls.from_pretrained(source.location, local_files_only=offline, **kwargs)
+        return cls.from_pretrained(source.location, local_files_only=offline, revision=source.revision, **kwargs)
     # Single file.
     if not source.config and hub_offline():
         raise ModelLoadError(
@@ -301,9 +192,11 @@ def load_model(name: str, settings: ModelSettings, device: torch.device, dtype: 
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     started = time.perf_counter()
-    base_source = ModelSource.parse(settings.base, settings.base_config, role="base")
+    base_source = ModelSource.parse(settings.base, settings.base_config, role="base", revision=settings.base_revision)
     refiner_source = (
-        ModelSource.parse(settings.refiner, settings.refiner_config, role="refiner") if settings.refiner else None
+        ModelSource.parse(settings.refiner, settings.refiner_config, role="refiner", revision=settings.refiner_revision)
+        if settings.refiner
+        else None
     )
     log.info("loading model %r: base from %s (%s, %s)", name, base_source.describe(), device, dtype)
     try:

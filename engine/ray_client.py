@@ -41,11 +41,13 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from config.settings import Settings
+from config.settings import Settings, is_loopback_host
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats
 from engine.spec import EngineError, EngineHealth, Job, JobCancelled, Progress, Result
 from engine.stream import JobStream
@@ -71,6 +73,28 @@ class _Call:
     last: Progress | None = None
     cancel_requested: bool = False
     finished: bool = False  # the iterator got its last item
+
+
+def remote_without_auth(address: str, environ: Mapping[str, str], home: Path | None = None) -> str | None:
+    """Why joining `address` would be unsafe, or None. Anyone who can reach a Ray cluster without
+    token authentication can run code on every node (and read what the engine holds), so a
+    cluster on another machine is joined only with Ray's token auth on: `RAY_AUTH_MODE=token` and
+    the cluster's token in `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`, or ~/.ray/auth_token."""
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname
+    if address in ("", "local", "auto") or is_loopback_host(host):
+        return None
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (
+            f"engine.ray_address = {address!r} is another machine: turn on Ray's token authentication on every "
+            "node and here (RAY_AUTH_MODE=token and the cluster's token; see docs/scaling.md)"
+        )
+    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or (home or Path.home()) / ".ray" / "auth_token")
+    if not environ.get("RAY_AUTH_TOKEN") and not token_file.is_file():
+        return (
+            f"engine.ray_address = {address!r}: RAY_AUTH_MODE is token but no token is set (RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; see docs/scaling.md)"
+        )
+    return None
 
 
 class RayEngineClient:
@@ -268,6 +292,9 @@ class RayEngineClient:
 
         if not ray.is_initialized():
             address = self._settings.engine.ray_address or "local"
+            problem = remote_without_auth(address, os.environ)
+            if problem is not None:
+                raise EngineError(problem, retryable=False)
             if address == "local":
                 # A private Ray for this bot: no usage reports to Ray's servers unless asked for.
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from engine.weights import safetensors_file
+
 log = logging.getLogger(__name__)
 
 ALIGN = 8  # the VAE's downscale factor: tile boxes and image sides are multiples of it
@@ -162,7 +164,7 @@ class SpandrelUpscaler:
         import torch
         from spandrel import ImageModelDescriptor, ModelLoader
 
-        descriptor = ModelLoader(device=torch.device(device)).load_from_file(path)
+        descriptor = ModelLoader(device=torch.device(device)).load_from_file(safetensors_file(path, role="upscaler"))
         if not isinstance(descriptor, ImageModelDescriptor):
             raise ValueError(f"{path} is not an image-to-image upscaling model")
         descriptor.eval()

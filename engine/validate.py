@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import io
 import math
-import unicodedata
 import warnings
 from collections.abc import Collection, Mapping
 from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
+from engine.blocklist import normalize_text
 from engine.spec import SAMPLERS, JobBase, Refine, Text2Img, Upscale, Variations
 
 MAX_SEED = 2**32 - 1
@@ -35,16 +35,11 @@ MIN_IMAGE_BYTES_LIMIT = 1024
 MAX_INPUT_ASPECT = 8.0
 SDXL_PIXELS = 1024 * 1024
 
-# Formats an attachment may be in; anything else Pillow could open (EPS runs Ghostscript,
-# PSD, ICO, …) is refused. AVIF only where this Pillow build has it.
+# The formats an attachment may be in, as the help says: PNG, JPEG and WebP. Every other decoder
+# Pillow has (TIFF, BMP, GIF, EPS running Ghostscript, PSD, ICO, …) is attack surface for no use.
+# MPO is how Pillow names a JPEG from a phone camera that carries extra frames.
 Image.init()  # registers every plugin, so Image.OPEN below is complete
-ACCEPTED_FORMATS: tuple[str, ...] = tuple(
-    name for name in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if name in Image.OPEN
-)
-
-# Characters removed from prompts besides C0/C1 controls: bidi overrides and isolates, which can
-# make a prompt display differently from what the model reads.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(name for name in ("PNG", "JPEG", "MPO", "WEBP") if name in Image.OPEN)
 
 
 class ValidationFailed(Exception):
@@ -63,18 +58,9 @@ class ValidationFailed(Exception):
 
 
 def clean_text(text: str) -> str:
-    """Text with control characters removed: tabs and line breaks become spaces, other C0/C1
-    controls, lone surrogates and bidi overrides are dropped, the ends are stripped."""
-    out: list[str] = []
-    for char in text:
-        if char in "\t\n\r\x0b\x0c\x85\u2028\u2029":
-            out.append(" ")
-            continue
-        category = unicodedata.category(char)
-        if category in ("Cc", "Cs") or char in _BIDI_CONTROLS:
-            continue
-        out.append(char)
-    return "".join(out).strip()
+    """The text the model reads (and the blocklist checks): engine.blocklist.normalize_text, the
+    one normalisation for both (NFKC, invisible characters and controls removed, breaks as spaces)."""
+    return normalize_text(text)
 
 
 def check_prompt(text: str | None, *, max_chars: int, field: str = "prompt", required: bool = True) -> str:
@@ -243,7 +229,7 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> ValidationFail
     )
 
 
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 def _looks_like_image(data: bytes | bytearray | memoryview) -> bool:

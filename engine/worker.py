@@ -213,13 +213,15 @@ def job_failure(job_id: str, exc: BaseException, load_error: type[Exception] | N
         return Failed(job_id, str(exc), retryable=exc.retryable)
     if isinstance(exc, ValidationFailed):
         return Failed(job_id, exc.message, retryable=False)
-    if load_error is not None and isinstance(exc, load_error):
-        return Failed(job_id, f"The model cannot be loaded: {exc}", retryable=False)
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         raise exc
+    # Members see a plain reason; what went wrong (paths, exception text) is for the operator's log.
+    if load_error is not None and isinstance(exc, load_error):
+        log.error("job=%s: the model cannot be loaded: %s", job_id, exc)
+        return Failed(job_id, "The model cannot be loaded right now: tell a moderator.", retryable=False)
     log.error("job=%s failed:\n%s", job_id, "".join(traceback.format_exception(exc)))
     # Not known to be the job's fault (out of memory, a driver error…): let the bot retry it.
-    return Failed(job_id, f"Engine error: {type(exc).__name__}: {exc}", retryable=True)
+    return Failed(job_id, "The engine hit an error while making the image.", retryable=True)
 
 
 def image_params(config: WorkerConfig, job: Job, out: GeneratedLike, version: str) -> dict[str, Any]:

@@ -15,29 +15,21 @@ MAX_CHOICES = 25
 
 def set_choices(command: app_commands.Command, parameter: str, names: list[str]) -> None:
     """Replace a parameter's choices at start-up (they come from the operator's config)."""
-    command._params[parameter].choices = [
-        app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]
-    ]
+    command._params[parameter].choices = [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
 
 
-async def model_autocomplete(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
+async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     bot: AtelierBot = interaction.client  # type: ignore[assignment]
     needle = current.lower()
     names = [name for name in bot.settings.models if needle in name.lower()]
     return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
 
 
-async def own_jobs_autocomplete(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
+async def own_jobs_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     bot: AtelierBot = interaction.client  # type: ignore[assignment]
     return await bot.requests.own_job_choices(interaction, current)
 
 
-async def any_jobs_autocomplete(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
+async def any_jobs_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     bot: AtelierBot = interaction.client  # type: ignore[assignment]
     return await bot.requests.active_job_choices(interaction, current)

@@ -2,32 +2,27 @@
 
 `default_permissions` is only a hint server admins can change, so every command here is also
 checked by the bot itself (Manage Server or a configured moderator role), see bot.permissions.
+Everything here acts on and shows the moderator's own server only (bot.commands.scoped).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.commands import scoped
 from bot.commands.common import any_jobs_autocomplete, model_autocomplete
 from bot.permissions import moderator_only
-from bot.render import duration, units
+from bot.render import units
 from bot.requests import Refused
-from db.stats import ActivityStats, activity_since
-from engine.spec import EngineHealth
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
 
-MANAGE_GUILD = discord.Permissions(manage_guild=True)
 MAX_UNITS = 1e6
-STATS_WINDOW = timedelta(hours=24)
-BAND_NAMES = {0: "priority", 1: "normal"}
 
 
 def _amount(value: float, name: str, *, minimum: float) -> float:
@@ -36,51 +31,6 @@ def _amount(value: float, name: str, *, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= MAX_UNITS:
         raise Refused(f"`{name}` must be a number from {minimum:g} to {MAX_UNITS:.0f} (you gave {value}).")
     return float(value)
-
-
-def stats_text(
-    activity: ActivityStats,
-    *,
-    busy_span_seconds: float,
-    since_start: bool,
-    health: EngineHealth,
-    depths: Mapping[int, int],
-    paused: bool,
-    refusals: int,
-) -> str:
-    """`/mod stats`: the last 24 h of jobs from the database, the queue and engine as they are now.
-
-    The engine's busy share is its run time over the capacity of the span it covers (24 h, or
-    the time since the bot started when that is shorter), all slots together."""
-    by = activity.by_status
-    members = "member" if activity.users == 1 else "members"
-    lines = [f"**Last 24 h** {activity.total} job{'' if activity.total == 1 else 's'} from {activity.users} {members}"]
-    lines.append(
-        f"**Jobs** {by.get('done', 0)} done · {by.get('failed', 0)} failed · {by.get('cancelled', 0)} cancelled"
-        f" · {by.get('queued', 0)} queued · {by.get('running', 0)} running"
-    )
-    if activity.mean_wait_seconds is None:
-        lines.append("**Wait** no job has started yet")
-    else:
-        p90 = activity.p90_wait_seconds or 0.0
-        lines.append(f"**Wait** mean {duration(activity.mean_wait_seconds)} · p90 {duration(p90)}")
-    if activity.mean_run_seconds is None:
-        lines.append("**Run time** no job has finished yet")
-    else:
-        lines.append(f"**Run time** mean {duration(activity.mean_run_seconds)} per done job")
-    capacity = max(1.0, busy_span_seconds) * max(1, health.slots)
-    share = min(100.0, 100.0 * activity.engine_seconds / capacity)
-    span = f"since the bot started {duration(busy_span_seconds)} ago" if since_start else "of the last 24 h"
-    lines.append(f"**Engine busy** {share:.0f}% {span}" if share >= 10 else f"**Engine busy** {share:.1f}% {span}")
-    waiting = sum(depths.values())
-    bands = ", ".join(f"{n} {BAND_NAMES.get(band, f'band {band}')}" for band, n in sorted(depths.items()) if n)
-    queue = f"{waiting} waiting" + (f" ({bands})" if bands else "")
-    lines.append(f"**Queue now** {queue}" + (" · paused by the moderators" if paused else ""))
-    state = "up" if health.alive else "down" + (f" ({health.detail})" if health.detail else "")
-    restarts = "1 restart" if health.restarts == 1 else f"{health.restarts} restarts"
-    lines.append(f"**Engine** {state} · {health.busy} of {health.slots} slots busy · {restarts} since the bot started")
-    lines.append(f"**Quota refusals** {refusals} since the bot started")
-    return "\n".join(lines)
 
 
 @app_commands.guild_only()
@@ -96,6 +46,11 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
 
     async def _reply(self, interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True)
+
+    @staticmethod
+    def _scope(interaction: discord.Interaction) -> int:
+        assert interaction.guild_id is not None  # moderator_only refuses DMs
+        return interaction.guild_id
 
     # -- quotas ---------------------------------------------------------------------------------
 
@@ -154,68 +109,42 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     @app_commands.describe(user="The member", reason="Why (shown to them)")
     @moderator_only()
     async def ban(self, interaction: discord.Interaction, user: discord.User, reason: str | None = None) -> None:
-        await self.bot.services.moderation.ban(
-            interaction.guild_id, user.id, reason=reason, moderator_id=interaction.user.id
-        )
-        cancelled = await self.bot.requests.cancel_all_for(interaction.guild_id, user.id)
-        extra = f" {cancelled} queued job(s) cancelled and refunded." if cancelled else ""
-        await self._reply(interaction, f"{user.mention} can no longer use the bot here.{extra}")
+        await scoped.ban(self.bot, interaction, self._scope(interaction), user, reason)
 
     @app_commands.command(name="unban", description="Let a banned member use the bot again")
     @app_commands.describe(user="The member")
     @moderator_only()
     async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
-        removed = await self.bot.services.moderation.unban(interaction.guild_id, user.id)
-        text = f"{user.mention} may use the bot again." if removed else f"{user.mention} was not banned."
-        await self._reply(interaction, text)
+        await scoped.unban(self.bot, interaction, self._scope(interaction), user)
 
     # -- queue ------------------------------------------------------------------------------------
 
-    @app_commands.command(name="queue", description="The whole queue")
+    @app_commands.command(name="queue", description="This server's queue")
     @moderator_only()
     async def queue(self, interaction: discord.Interaction) -> None:
         await self.bot.requests.show_whole_queue(interaction)
 
-    @app_commands.command(name="cancel", description="Cancel anyone's job (refunded)")
+    @app_commands.command(name="cancel", description="Cancel any job of this server (refunded)")
     @app_commands.describe(job="The job id")
     @app_commands.autocomplete(job=any_jobs_autocomplete)
     @moderator_only()
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
         await self.bot.requests.cancel_command(interaction, job, as_moderator=True)
 
-    @app_commands.command(name="pause", description="Pause the queue: jobs wait until resumed")
+    @app_commands.command(name="pause", description="Pause this server's queue: its jobs wait until resumed")
     @moderator_only()
     async def pause(self, interaction: discord.Interaction) -> None:
-        await self.bot.services.set_paused(True)
-        await self._reply(
-            interaction, "The queue is paused. Running jobs finish; new jobs wait. `/mod resume` to go on."
-        )
+        await scoped.pause(self.bot, interaction, self._scope(interaction), True, "mod")
 
-    @app_commands.command(name="resume", description="Resume a paused queue")
+    @app_commands.command(name="resume", description="Resume this server's paused queue")
     @moderator_only()
     async def resume(self, interaction: discord.Interaction) -> None:
-        await self.bot.services.set_paused(False)
-        await self._reply(interaction, "The queue is running again.")
+        await scoped.pause(self.bot, interaction, self._scope(interaction), False, "mod")
 
     @app_commands.command(name="stats", description="The last 24 hours at a glance: jobs, waits, engine, queue")
     @moderator_only()
     async def stats(self, interaction: discord.Interaction) -> None:
-        services = self.bot.services
-        now = datetime.now(UTC)
-        since = now - STATS_WINDOW
-        started = datetime.fromtimestamp(services.metrics.started_at, UTC)
-        busy_since = max(since, started)
-        activity = await activity_since(services.db, since, busy_since=busy_since)
-        text = stats_text(
-            activity,
-            busy_span_seconds=(now - busy_since).total_seconds(),
-            since_start=started > since,
-            health=services.engine.health(),
-            depths=services.scheduler.depth_by_band(),
-            paused=services.scheduler.paused,
-            refusals=services.metrics.quota_refusals_total(),
-        )
-        await self._reply(interaction, text)
+        await scoped.stats(self.bot, interaction, self._scope(interaction))
 
     # -- blocklist --------------------------------------------------------------------------------
 
@@ -223,31 +152,18 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     @app_commands.describe(pattern="A word or regular expression")
     @moderator_only()
     async def blocklist_add(self, interaction: discord.Interaction, pattern: str) -> None:
-        from db.moderation import InvalidPattern
-
-        try:
-            added = await self.bot.services.moderation.add_pattern(
-                interaction.guild_id, pattern, added_by=interaction.user.id
-            )
-        except InvalidPattern as exc:
-            await self._reply(interaction, f"That pattern cannot be used: {exc}")
-            return
-        await self._reply(interaction, f"Added `{pattern}`." if added else f"`{pattern}` is already on the list.")
+        await scoped.add_pattern(self.bot, interaction, self._scope(interaction), pattern)
 
     @blocklist.command(name="remove", description="Remove a pattern")
     @app_commands.describe(pattern="The pattern exactly as listed")
     @moderator_only()
     async def blocklist_remove(self, interaction: discord.Interaction, pattern: str) -> None:
-        removed = await self.bot.services.moderation.remove_pattern(interaction.guild_id, pattern)
-        await self._reply(interaction, f"Removed `{pattern}`." if removed else f"`{pattern}` is not on the list.")
+        await scoped.remove_pattern(self.bot, interaction, self._scope(interaction), pattern)
 
     @blocklist.command(name="list", description="The server's patterns (and the operator's)")
     @moderator_only()
     async def blocklist_list(self, interaction: discord.Interaction) -> None:
-        patterns = await self.bot.services.moderation.list_patterns(interaction.guild_id)
-        operator = self.bot.services.config_blocklist
-        lines = [f"• `{p}`" for p in patterns] + [f"• `{p}` (operator)" for p in operator]
-        await self._reply(interaction, "\n".join(lines)[:1900] if lines else "The blocklist is empty.")
+        await scoped.list_patterns(self.bot, interaction, self._scope(interaction))
 
     # -- models -----------------------------------------------------------------------------------
 

@@ -42,9 +42,7 @@ class Models(commands.GroupCog, group_name="model", group_description="Pick your
     @app_commands.autocomplete(name=model_autocomplete)
     async def use(self, interaction: discord.Interaction, name: str) -> None:
         if name not in self.bot.settings.models:
-            await interaction.response.send_message(
-                self.bot.services.unknown_model_text(name), ephemeral=True
-            )
+            await interaction.response.send_message(self.bot.services.unknown_model_text(name), ephemeral=True)
             return
         await self.bot.services.moderation.set_user_default_model(interaction.user.id, name)
         await interaction.response.send_message(f"Your default model is now `{name}`.", ephemeral=True)
@@ -55,9 +53,7 @@ class Models(commands.GroupCog, group_name="model", group_description="Pick your
     async def info(self, interaction: discord.Interaction, name: str) -> None:
         model = self.bot.settings.models.get(name)
         if model is None:
-            await interaction.response.send_message(
-                self.bot.services.unknown_model_text(name), ephemeral=True
-            )
+            await interaction.response.send_message(self.bot.services.unknown_model_text(name), ephemeral=True)
             return
         embed = discord.Embed(title=name, description=model.description or None)
         embed.add_field(name="Base", value=f"`{_source_name(model.base)}`", inline=False)

@@ -229,6 +229,65 @@ def test_pop_batch_takes_contiguous_jobs_and_stays_in_band() -> None:
     assert q.pop_batch(5, key=lambda e: e.payload) == [] and q.pop() is None
 
 
+# ---------------------------------------------------------------------------- servers
+def on(guild: int | None, owner: int, *, band: int = 1, cost: float = 1.0) -> QueueEntry:
+    return QueueEntry(job_id=f"{guild}:{owner}-{next(_ids)}", owner_id=owner, cost=cost, band=band, guild_id=guild)
+
+
+def test_servers_share_fairly_whatever_their_bands_and_members() -> None:
+    """A server whose moderators (band 0, free of quota) flood the queue, or which has many
+    members, still gets only its share: the other server's member is served every other job."""
+    q = FairQueue()
+    flood = [on(1, owner, band=0) for owner in range(10, 20) for _ in range(2)]
+    quiet = [on(2, 99) for _ in range(3)]
+    for entry in flood + quiet:
+        q.push(entry)
+    servers = [e.guild_id for e in drain(q)]
+    assert servers[:6] == [1, 2, 1, 2, 1, 2]
+    assert servers[6:] == [1] * 17
+
+
+def test_a_paused_server_waits_while_others_run() -> None:
+    q = FairQueue()
+    paused, running = [on(1, 1), on(1, 2)], [on(2, 3), on(2, 3)]
+    for entry in paused + running:
+        q.push(entry)
+    q.pause_server(1)
+    assert [e.guild_id for e, _ in q.ranked()] == [2, 2, 1, 1]  # paused jobs are ranked last
+    assert [e.job_id for e in drain(q)] == [e.job_id for e in running]
+    assert len(q) == 2 and q.pop_batch(4, key=lambda e: 0) == []
+    q.resume_server(1)
+    assert [e.job_id for e in drain(q)] == [e.job_id for e in paused]
+
+
+def test_dms_count_as_one_server() -> None:
+    q = FairQueue()
+    for entry in [on(None, 1), on(None, 2), on(None, 3), on(5, 4), on(5, 4)]:
+        q.push(entry)
+    assert [e.guild_id for e in drain(q)] == [None, 5, None, 5, None]
+
+
+@given(
+    bursts_per_server=st.lists(
+        st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=2, max_size=8), min_size=2, max_size=4
+    )
+)
+def test_server_service_bound(bursts_per_server: list[list[float]]) -> None:
+    """While two servers both have work queued, the units served to them differ by at most the
+    larger of their biggest job costs, whatever bands their jobs are in."""
+    q = FairQueue()
+    for server, costs in enumerate(bursts_per_server):
+        for index, cost in enumerate(costs):
+            q.push(on(server, 100 * server + index % 3, band=index % 2, cost=cost))
+    biggest = {server: max(costs) for server, costs in enumerate(bursts_per_server)}
+    served: Counter[int | None] = Counter()
+    while (entry := q.pop()) is not None:
+        served[entry.guild_id] += entry.cost
+        backlogged = {e.guild_id for e in q.snapshot()}
+        for a, b in itertools.combinations(sorted(backlogged), 2):  # type: ignore[type-var]
+            assert abs(served[a] - served[b]) <= max(biggest[a], biggest[b]) + 1e-9  # type: ignore[index]
+
+
 # ---------------------------------------------------------------------------- properties
 bursts = st.lists(
     st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]), min_size=3, max_size=8),

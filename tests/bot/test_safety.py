@@ -119,9 +119,7 @@ def test_mixed_detections_keep_max_score_and_sorted_unique_crossing_labels() -> 
         det("ANUS_EXPOSED", 0.3),
     ]
     verdict = verdict_from_detections(detections, 0.6)
-    assert verdict == SafetyVerdict(
-        explicit=True, score=0.8, labels=["BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED"]
-    )
+    assert verdict == SafetyVerdict(explicit=True, score=0.8, labels=["BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED"])
 
 
 @pytest.mark.parametrize(("threshold", "explicit"), [(0.0, True), (0.5, True), (0.51, False), (1.0, False)])
@@ -158,9 +156,7 @@ def expected_decision(enabled: bool, action: str, explicit: bool, age_restricted
     ("enabled", "action", "verdict", "age_restricted"),
     list(itertools.product([True, False], ["withhold", "spoiler"], [CLEAN, EXPLICIT, FAILED], [True, False])),
 )
-def test_decide_every_combination(
-    enabled: bool, action: str, verdict: SafetyVerdict, age_restricted: bool
-) -> None:
+def test_decide_every_combination(enabled: bool, action: str, verdict: SafetyVerdict, age_restricted: bool) -> None:
     settings = SafetySettings(enabled=enabled, action=action)
     got = decide(verdict, channel_age_restricted=age_restricted, settings=settings)
     assert got is expected_decision(enabled, action, verdict.explicit, age_restricted)
@@ -172,10 +168,7 @@ def test_decide_spot_checks() -> None:
     assert decide(EXPLICIT, channel_age_restricted=True, settings=on) is Decision.POST
     spoiler = SafetySettings(enabled=True, action="spoiler")
     assert decide(FAILED, channel_age_restricted=False, settings=spoiler) is Decision.SPOILER
-    assert (
-        decide(EXPLICIT, channel_age_restricted=False, settings=SafetySettings(enabled=False))
-        is Decision.POST
-    )
+    assert decide(EXPLICIT, channel_age_restricted=False, settings=SafetySettings(enabled=False)) is Decision.POST
 
 
 # --------------------------------------------------------------------- the real classifier
@@ -265,9 +258,7 @@ async def test_labels_come_from_settings_when_the_key_exists(figure_png: bytes) 
     assert SafetyChecker(SafetySettings()).explicit_labels == set(DEFAULT_EXPLICIT_LABELS)
 
 
-async def test_concurrent_checks_load_once_and_agree(
-    figure_png: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_concurrent_checks_load_once_and_agree(figure_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     import bot.safety as safety
 
     loads = 0
@@ -305,9 +296,7 @@ async def test_check_does_not_block_the_event_loop(figure_png: bytes) -> None:
     assert ticks >= 3
 
 
-async def test_undecodable_image_fails_closed(
-    checker: SafetyChecker, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_undecodable_image_fails_closed(checker: SafetyChecker, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="bot.safety"):
         verdict = await checker.check(b"definitely not an image")
     assert verdict.explicit and verdict.error and "decodable" in verdict.error
@@ -319,9 +308,7 @@ async def test_undecodable_image_fails_closed(
 # ------------------------------------------------------------------- disabled and broken
 
 
-async def test_disabled_loads_nothing_and_passes_everything(
-    figure_png: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_disabled_loads_nothing_and_passes_everything(figure_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nudenet", None)  # even without nudenet installed
     off = SafetyChecker(SafetySettings(enabled=False))
     await off.load()

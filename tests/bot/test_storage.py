@@ -23,9 +23,7 @@ def image(data: bytes = b"\x89PNG fake", fmt: str = "png") -> ImageOut:
 
 
 def store(tmp_path: Path, *, retention_days: float = 30, max_gb: float = 0) -> OutputStore:
-    return OutputStore(
-        StorageSettings(output_dir=str(tmp_path / "out"), retention_days=retention_days, max_gb=max_gb)
-    )
+    return OutputStore(StorageSettings(output_dir=str(tmp_path / "out"), retention_days=retention_days, max_gb=max_gb))
 
 
 def age(path: Path, days: float) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import DEFAULTS_FILE, ConfigError, load_settings, parse_size, read_token
+from config.settings import ConfigError, Settings, load_settings, parse_size, read_token
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "atelier.example.toml"
 
@@ -49,9 +49,9 @@ def test_defaults_load() -> None:
 
 
 def test_example_documents_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    defaults = tomllib.loads(DEFAULTS_FILE.read_text())
+    defaults = Settings.model_construct().model_dump(exclude={"models"})  # the classes' own defaults
     example = tomllib.loads(EXAMPLE.read_text())
-    assert keys(defaults) == keys(example)
+    assert keys(defaults) == keys(example) - {"models"}
     shipped = load_settings().model_dump(exclude={"models"})
     monkeypatch.setenv("ATELIER_CONFIG", str(EXAMPLE))
     # The example shows the shipped values, so copying it changes nothing until edited.
@@ -107,9 +107,7 @@ def test_env_overrides_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ("not toml = = 1", "invalid TOML"),
     ],
 )
-def test_invalid_config_names_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, key: str
-) -> None:
+def test_invalid_config_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, key: str) -> None:
     monkeypatch.setenv("ATELIER_CONFIG", str(write(tmp_path, text)))
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -186,3 +184,58 @@ def test_operator_aspects_replace_the_shipped_sizes(tmp_path: Path, monkeypatch:
     given = load_settings(generation={"aspects": {"1:1": "256x256"}})
     assert given.generation.aspect_sizes() == {"1:1": (256, 256)}
     assert given.generation.default_steps == 30  # the rest of [generation] still merges
+
+
+# ------------------------------------------------------------------------------ going public (issue 12)
+
+
+def test_safe_defaults_for_a_public_bot() -> None:
+    settings = load_settings()
+    assert settings.discord.allow_dms is False
+    assert settings.discord.guilds == []
+    assert settings.metrics.host == "127.0.0.1"
+    assert settings.discord.cooldown_uses > 0
+    assert settings.generation.max_attachment_pixels <= 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://discord.com/api/v10", True),
+        ("http://127.0.0.1:8080/api/v10", True),
+        ("http://localhost:8080/api/v10", True),
+        ("http://[::1]:8080/api/v10", True),
+        ("http://discord.example.org/api/v10", False),
+        ("http://10.0.0.2/api/v10", False),
+        ("ftp://discord.com/api", False),
+    ],
+)
+def test_discord_endpoints_are_encrypted_unless_on_this_machine(
+    url: str, ok: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token travels in every REST request: plain http only to a server on this machine."""
+    monkeypatch.setenv("ATELIER_DISCORD_API_BASE", url)
+    if ok:
+        assert load_settings().discord.api_base == url
+    else:
+        with pytest.raises(ConfigError, match=r"discord\.api_base"):
+            load_settings()
+    monkeypatch.delenv("ATELIER_DISCORD_API_BASE")
+    monkeypatch.setenv("ATELIER_DISCORD_GATEWAY", url.replace("http", "ws"))
+    if ok:
+        load_settings()
+    else:
+        with pytest.raises(ConfigError, match=r"discord\.gateway"):
+            load_settings()
+
+
+def test_keep_days_also_reads_its_earlier_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATELIER_CONFIG", str(write(tmp_path, "[storage]\nretention_days = 3\n")))
+    assert load_settings().storage.keep_days == 3
+
+
+@pytest.mark.parametrize("path", ["/m/esrgan.pth", "/m/esrgan.bin", "/m/esrgan.onnx", "/m/esrgan"])
+def test_the_upscaler_must_be_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.setenv("ATELIER_CONFIG", str(write(tmp_path, f"[engine]\nupscaler = '{path}'\n")))
+    with pytest.raises(ConfigError, match=r"engine.upscaler: .*\.safetensors"):
+        load_settings()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from db.moderation import InvalidPattern, ModerationStore, validate_pattern
+from db.moderation import ModerationStore
 from db.quotas import QuotaStore
 from db.session import Database
 from tests.db.conftest import FakeClock
@@ -42,38 +42,11 @@ async def test_blocklist(mod: ModerationStore) -> None:
     assert await mod.add_pattern(G, "nsfw") is True
     assert await mod.list_patterns(G) == [r"\bgore\b", "nsfw"]
     assert await mod.list_patterns(G + 1) == []
-    assert await mod.matching_pattern(G, "Lots of GORE here") == r"\bgore\b"
-    assert await mod.matching_pattern(G, "gorey but fine") is None
-    assert await mod.matching_pattern(G + 1, "gore") is None
     assert await mod.remove_pattern(G, "nsfw") is True
     assert await mod.remove_pattern(G, "nsfw") is False
     assert await mod.list_patterns(G) == [r"\bgore\b"]
-    with pytest.raises(InvalidPattern):
-        await mod.add_pattern(G, "(unclosed")
-
-
-@pytest.mark.parametrize(
-    ("pattern", "why"),
-    [
-        ("", "empty"),
-        ("   ", "empty"),
-        ("(a", "valid"),
-        ("a*", "empty text"),
-        ("x|", "empty text"),
-        ("(a+)+b", "nested"),
-        (r"x(\w+\s?)*y", "nested"),
-        ("(a|b+){2,}", "nested"),
-        ("x" * 301, "longer"),
-    ],
-)
-def test_pattern_validation(pattern: str, why: str) -> None:
-    with pytest.raises(InvalidPattern, match=why):
-        validate_pattern(pattern)
-
-
-@pytest.mark.parametrize("pattern", ["cat", r"\bgore\b", "(foo)+", "blood(y|ied)", "a{2,3}", r"(\w+)\s\1", "x(ab){2}"])
-def test_reasonable_patterns_pass(pattern: str) -> None:
-    assert validate_pattern(pattern).pattern == pattern
+    # Patterns are stored as given; compiling and matching them (in linear time) is
+    # engine.blocklist's job, tested in tests/engine/test_blocklist.py and tests/bot/test_blocklists.py.
 
 
 async def test_guild_settings(mod: ModerationStore) -> None:
@@ -107,7 +80,7 @@ async def test_reads_are_cached_and_own_writes_seen_at_once(db: Database, clock:
     mod, other = ModerationStore(db, clock=clock), ModerationStore(db, clock=clock)
     assert await mod.get_ban(G, U) is None
     assert (await mod.get_settings(G)).default_model is None
-    assert await mod.matching_pattern(G, "gore") is None
+    assert await mod.list_patterns(G) == []
     assert await mod.get_user_default_model(U) is None
     # Another process's writes (here: another store) are not seen: the reads above were cached.
     await other.ban(G, U, reason="x")
@@ -116,7 +89,7 @@ async def test_reads_are_cached_and_own_writes_seen_at_once(db: Database, clock:
     await other.set_user_default_model(U, "other")
     assert await mod.get_ban(G, U) is None
     assert (await mod.get_settings(G)).default_model is None
-    assert await mod.matching_pattern(G, "gore") is None
+    assert await mod.list_patterns(G) == []
     assert await mod.get_user_default_model(U) is None
     # Its own writes are seen at once (and bring the other process's rows with them).
     await mod.ban(G, U + 1)
@@ -126,7 +99,7 @@ async def test_reads_are_cached_and_own_writes_seen_at_once(db: Database, clock:
     assert {b.user_id for b in await mod.list_bans(G)} == {U, U + 1}
     assert await mod.get_ban(G, U) is not None and await mod.get_ban(G, U + 1) is not None
     assert (await mod.get_settings(G)).default_model == "other"
-    assert await mod.matching_pattern(G, "so much BLOOD and gore") == "gore"
+    assert await mod.list_patterns(G) == ["gore", "blood"]
     assert await mod.get_user_default_model(U) == "mine"
     await mod.unban(G, U)
     assert await mod.get_ban(G, U) is None

@@ -227,7 +227,8 @@ async def test_a_1500_character_prompt_is_shown_verbatim_and_a_long_negative_cut
     assert (await job(studio, job_id)).params["prompt"] == prompt
 
 
-async def test_generate_in_a_dm_posts_the_result_in_the_dm(studio: Studio) -> None:
+async def test_generate_in_a_dm_posts_the_result_in_the_dm(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studio.bot.settings.discord, "allow_dms", True)  # DMs are off unless the operator says
     member = studio.new_member("hermit")
     dm = studio.sb.dm_channel(member)
     job_id, result = await generate(studio, member, {"prompt": "a lantern", "steps": 1}, channel=dm)

@@ -8,6 +8,7 @@ queued job and then cancelled; the Variations button test runs a 4-image job to 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +44,15 @@ def picture(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
     return out.getvalue()
 
 
-async def test_refine_a_png_with_the_defaults(studio: Studio) -> None:
+async def test_refine_a_png_with_the_defaults(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = studio.bot.services.outputs
+    saved: dict[str, bytes] = {}  # every input as the bot stored it for the engine
+
+    def save_input(job_id: str, data: bytes) -> Path:
+        saved[job_id] = data
+        return type(outputs).save_input(outputs, job_id, data)
+
+    monkeypatch.setattr(outputs, "save_input", save_input)
     member = studio.new_member("png-refiner")
     inter = await studio.command(
         member,
@@ -78,8 +87,9 @@ async def test_refine_a_png_with_the_defaults(studio: Studio) -> None:
     again_record = await job(studio, again_id)
     assert again_record.kind == "refine" and again_record.owner_id == clicker.id
     assert again_record.params["seed"] != record.params["seed"]
-    inputs = studio.bot.requests.inputs_dir
-    assert (inputs / f"{again_id}.png").read_bytes() == (inputs / f"{job_id}.png").read_bytes()
+    assert saved[again_id] == saved[job_id]
+    # Inputs are kept only while their job may need them (issue 12): both ended, both are gone.
+    assert not outputs.input_path(job_id).exists() and not outputs.input_path(again_id).exists()
     assert await used(studio, clicker) == pytest.approx(cost)
 
 

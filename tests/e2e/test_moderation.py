@@ -17,7 +17,7 @@ from bot.harness import Studio, job_id_of, open_studio, tiny_settings
 from bot.permissions import NotModerator
 from bot.sandbox import InvocationError, User
 from bot.sandbox import permissions as perms
-from bot.services import GLOBAL_GUILD
+from db.moderation import EVERYWHERE
 from tests.e2e.refusals import (
     account,
     assert_fast,
@@ -168,7 +168,9 @@ async def test_pause_holds_jobs_and_resume_runs_them(studio: Studio) -> None:
     text = await mod(studio, "pause")
     try:
         assert "paused" in text
-        assert (await services.moderation.get_settings(GLOBAL_GUILD)).paused
+        # This server only: the operator's everywhere-pause is untouched (issue 12).
+        assert (await services.moderation.get_settings(studio.guild.id)).paused
+        assert not (await services.moderation.get_settings(EVERYWHERE)).paused
         inter = await generate(studio, member, "waiting room")
         card = assert_queued(inter)
         assert "paused" in card
@@ -180,7 +182,7 @@ async def test_pause_holds_jobs_and_resume_runs_them(studio: Studio) -> None:
     finally:
         text = await mod(studio, "resume")
     assert "running again" in text
-    assert not (await services.moderation.get_settings(GLOBAL_GUILD)).paused
+    assert not (await services.moderation.get_settings(studio.guild.id)).paused
     result = await studio.result_of(job_id)
     assert result.attachments
 
@@ -368,11 +370,12 @@ async def _state(studio: Studio, member: User, victim: User, role_id: int) -> tu
         await services.quotas.user_limit(guild, victim.id),
         (await services.quotas.role_limits(guild)).get(role_id),
         await services.moderation.get_settings(guild),
-        await services.moderation.get_settings(GLOBAL_GUILD),
+        await services.moderation.get_settings(EVERYWHERE),
         await services.moderation.get_ban(guild, victim.id),
         await services.moderation.get_ban(guild, member.id),
         tuple(await services.moderation.list_patterns(guild)),
         services.scheduler.paused,
+        services.scheduler.server_paused(guild),
         await account(studio, victim),
     )
 

@@ -13,6 +13,7 @@ import pytest
 
 from bot.harness import Studio, build_world, open_bot, tiny_settings
 from bot.sandbox import Sandbox
+from db.moderation import EVERYWHERE
 from tests.e2e.member_kit import assert_queued, generate, results_for, wait_status
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -59,7 +60,7 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             ids = {name: assert_queued(card) for name, card in cards.items()}
             await wait_status(studio, cards["running"], "Running")
             # Paused by a moderator as it stops: the pause is stored and outlives the restart.
-            await first.services.set_paused(True)
+            await first.services.set_paused(EVERYWHERE, True)  # the operator's pause
         # Leaving the block shut the first bot down with no grace: the running job was requeued.
         assert not results_for(studio, ids["running"])
 
@@ -82,7 +83,7 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             await wait_status(studio, cards["queued-3"], "Cancelled")
             cancelled_id = ids.pop("queued-3")
             every = {"posted": posted_id, "unposted": unposted_id, **ids}
-            await second.services.set_paused(False)
+            await second.services.set_paused(EVERYWHERE, False)
 
             for name in ids:
                 await studio.result_of(ids[name], timeout=120)

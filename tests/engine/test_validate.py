@@ -209,12 +209,13 @@ def test_truncated_and_corrupt_files_refused() -> None:
     assert "damaged" in refused("image", decode_image, png[:40], **LIMITS)
 
 
-def test_animated_gif_gives_its_first_frame() -> None:
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_only_png_jpeg_and_webp_are_decoded(fmt: str) -> None:
+    """The help promises PNG, JPEG and WebP; every other decoder is attack surface for no use."""
     frames = [Image.new("RGB", (32, 32), color) for color in ("red", "lime", "blue")]
     out = io.BytesIO()
-    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    image = decode_image(out.getvalue(), **LIMITS)
-    assert image.mode == "RGB" and image.getpixel((5, 5)) == (255, 0, 0)
+    frames[0].save(out, fmt, **({} if fmt == "BMP" else {"save_all": True, "append_images": frames[1:]}))
+    assert "PNG, JPEG or WebP" in refused("image", decode_image, out.getvalue(), **LIMITS)
 
 
 def test_exif_orientation_applied() -> None:
@@ -277,7 +278,7 @@ def test_random_bytes_only_ever_raise_validation_failed(data: bytes, prefix: byt
     data=st.data(),
     width=st.integers(1, 48),
     height=st.integers(1, 48),
-    fmt=st.sampled_from(["PNG", "BMP", "TIFF", "WEBP"]),
+    fmt=st.sampled_from(["PNG", "WEBP"]),
 )
 @settings(max_examples=60, deadline=None)
 def test_valid_images_round_trip(data: st.DataObject, width: int, height: int, fmt: str) -> None:

@@ -216,6 +216,7 @@ async def moderation_state(studio: Studio) -> list[Any]:
         grants = select(LedgerEntry).where(LedgerEntry.kind.in_(("grant", "reset")))
         state.append(sorted(repr((e.user_id, e.kind, e.units)) for e in (await s.execute(grants)).scalars()))
     state.append(studio.bot.services.scheduler.paused)
+    state.append(studio.bot.services.scheduler.server_paused(studio.guild.id))
     return state
 
 

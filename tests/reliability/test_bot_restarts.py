@@ -132,3 +132,21 @@ async def test_sigkill_then_sigterm_with_20_queued_and_1_running(tiny_model_dir:
     for path in logs:
         text = await asyncio.to_thread(path.read_text, errors="replace")
         assert sb.token not in text, path
+
+
+async def test_the_engine_process_never_gets_the_token(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`atelier run` reads DISCORD_TOKEN once and drops it from its environment before it starts
+    the engine: a child process (or a model's code running in it) cannot read the bot's token."""
+    config = write_config(tmp_path, tiny_model_dir)
+    async with Sandbox() as sb:
+        build_world(sb)
+        bot = await start_bot(sb, config, tmp_path / "bot.log")
+        try:
+            await wait_bot_ready(sb, 1)
+            children = await sb.wait_until(lambda: engine_children(bot.pid), timeout=60, what="the engine process")
+            for child in children:
+                environ = await asyncio.to_thread(child.environ)
+                assert "DISCORD_TOKEN" not in environ, f"engine process {child.pid} inherited the token"
+                assert sb.token not in "\0".join(f"{k}={v}" for k, v in environ.items())
+        finally:
+            await stop_bot(bot)
