@@ -6,7 +6,7 @@ EXTRAS ?= test,safety,postgres,ray
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install system-deps run demo test test-fast bench lint format tiny-model clean
+.PHONY: install system-deps run demo test test-fast bench lint format audit tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,7 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/audit.py
 	$(BIN)/pytest
 
 test-fast: install
@@ -38,6 +39,11 @@ test-fast: install
 
 bench: install
 	$(BIN)/pytest -m bench tests/bench -s -p no:cacheprovider
+
+# Known vulnerabilities in the installed packages (pip-audit; passes with a note when its
+# advisory database cannot be reached).
+audit: install
+	$(BIN)/python scripts/audit.py
 
 lint: install
 	$(BIN)/ruff check .

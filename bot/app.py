@@ -256,6 +256,12 @@ class AtelierBot(commands.Bot):
         await self.leave_unlisted_guilds()
 
     async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self._leave_unless_served(guild)
+
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        await self._leave_unless_served(guild)
+
+    async def _leave_unless_served(self, guild: discord.Guild) -> None:
         if not serves_guild(self.settings, guild.id):
             log.warning("added to server %s (%s), which is not in [discord] guilds: leaving it", guild.id, guild.name)
             await guild.leave()

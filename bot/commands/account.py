@@ -37,6 +37,20 @@ class Account(commands.Cog):
         await first_response(interaction).answers_first()
         await self.bot.requests.cancel_command(interaction, job, as_moderator=False)
 
+    @app_commands.command(name="forget", description="Erase your prompts and images from the bot")
+    @app_commands.describe(confirm="True to erase them for good (your usage totals stay, for quotas)")
+    async def forget(self, interaction: discord.Interaction, confirm: bool) -> None:
+        if not confirm:
+            await interaction.response.send_message("Nothing was erased.", ephemeral=True)
+            return
+        answer = first_response(interaction)  # deferred by itself if erasing takes long
+        erased = await self.bot.requests.erase_history(interaction)
+        await answer.ephemeral(
+            f"Erased the prompts and images of {erased} job{'' if erased == 1 else 's'} of yours. "
+            "Results already posted stay in their channels: delete them with their Delete button. "
+            "Jobs still queued or running were left alone."
+        )
+
     @app_commands.command(name="job", description="Post a finished job's result again, with its buttons")
     @app_commands.describe(id="The job id (shown as Job <id>)")
     async def job(self, interaction: discord.Interaction, id: str) -> None:

@@ -62,7 +62,11 @@ class WorldBuilder:
         guild.members[owner_user.id] = Member(user=owner_user, guild_id=guild.id)
         self.world.guilds[guild.id] = guild
         self.world.changed()
-        self.gateway.dispatch("GUILD_CREATE", guild_payload(guild), guild_id=guild.id)
+        # A server joined after READY: Discord sends it without `unavailable` (that field, false,
+        # marks a server of READY arriving, or one back from an outage).
+        payload = guild_payload(guild)
+        payload.pop("unavailable", None)
+        self.gateway.dispatch("GUILD_CREATE", payload, guild_id=guild.id)
         return guild
 
     def add_role(self: Sandbox, guild: Ref, name: str, permissions: int = 0, *, color: int = 0) -> Role:

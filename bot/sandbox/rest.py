@@ -39,6 +39,7 @@ class RestApi:
             ("GET", "/gateway/bot", bot(self.gateway_bot)),
             ("GET", "/users/@me", bot(self.me)),
             ("GET", "/users/@me/guilds", bot(self.my_guilds)),
+            ("DELETE", "/users/@me/guilds/{guild_id}", bot(self.leave_guild)),
             ("POST", "/users/@me/channels", bot(self.open_dm)),
             ("GET", "/users/{user_id}", bot(self.get_user)),
             ("GET", "/applications/@me", bot(self.application)),
@@ -263,6 +264,15 @@ class RestApi:
         if self.sb.bot_user.id not in guild.members:
             raise errors.unknown_guild()
         return guild
+
+    async def leave_guild(self, request: web.Request) -> web.Response:
+        """``leave_guild``: the bot is no longer a member; Discord then sends GUILD_DELETE (without
+        ``unavailable``, which means the bot was removed, not that the server is down)."""
+        guild = self._bot_guild(request)
+        del guild.members[self.sb.bot_user.id]
+        self.world.changed()
+        self.sb.gateway.dispatch("GUILD_DELETE", {"id": str(guild.id)}, guild_id=guild.id)
+        return no_content()
 
     async def get_guild(self, request: web.Request) -> web.Response:
         guild = self._bot_guild(request)

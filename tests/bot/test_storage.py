@@ -299,3 +299,40 @@ def test_prune_walks_the_tree_once(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     report = s.prune(now=NOW)
     assert report.deleted_files == 50 and report.removed_dirs == 12
     assert len(scanned) == len(set(scanned)) == 1 + 1 + 1 + 10  # root, year, month, 10 days
+
+
+# ------------------------------------------------------------------------------ inputs (issue 12)
+
+
+def test_inputs_live_while_their_job_does(tmp_path: Path) -> None:
+    s = store(tmp_path, retention_days=0, max_gb=0)
+    path = s.save_input("JOB1", b"png bytes")
+    assert path == s.input_path("JOB1") and path.read_bytes() == b"png bytes"
+    s.drop_input("JOB1")
+    assert not path.exists()
+    s.drop_input("JOB1")  # twice is fine
+    with pytest.raises(ValueError):
+        s.input_path("../escape")
+
+
+def test_prune_deletes_leftover_inputs_but_never_an_active_jobs(tmp_path: Path) -> None:
+    s = store(tmp_path, retention_days=1)
+    root = tmp_path / "out"
+    put(root, "inputs/LIVE.png", 3, 10)  # old, but its job is still queued
+    put(root, "inputs/LEFT.png", 3, 10)  # old, and its job ended (a crash left it)
+    put(root, "inputs/FRESH.png", 3, 0)  # just written: its job may be being admitted
+    report = s.prune(now=NOW, active={"LIVE"})
+    assert report.deleted_files == 1
+    assert sorted(p.name for p in (root / "inputs").iterdir()) == ["FRESH.png", "LIVE.png"]
+
+
+def test_inputs_count_in_max_gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "GIB", 1000)  # max_gb=1 → a 1000-byte cap
+    s = store(tmp_path, retention_days=0, max_gb=1)
+    root = tmp_path / "out"
+    put(root, "2025/05/01/old-0.png", 500, 5)
+    put(root, "2025/05/02/new-0.png", 500, 4)
+    put(root, "inputs/LIVE.png", 500, 1)  # a queued job's upload: the oldest output makes room
+    s.prune(now=NOW, active={"LIVE"})
+    assert not (root / "2025/05/01/old-0.png").exists()
+    assert (root / "2025/05/02/new-0.png").exists() and (root / "inputs/LIVE.png").exists()
