@@ -785,6 +785,8 @@ class Scheduler(Generic[R]):
             return
         except EngineError as exc:
             st.phase = "finishing"
+            if exc.detail:
+                log.error("job=%s engine: %s", job_id, exc.detail)
             await self._engine_failed(st, str(exc) or type(exc).__name__, retryable=exc.retryable)
             return
         except Exception:

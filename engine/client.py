@@ -300,7 +300,7 @@ class LocalEngineClient:
         except Exception as exc:  # OSError from spawning (no memory, too many open files…)
             self._detail = f"failed to start: {exc}"
             log.error("the engine could not be started: %s", exc)
-            raise EngineError("The engine could not be started.", retryable=True) from exc
+            raise EngineError("The engine could not be started.", retryable=True, detail=str(exc)) from exc
 
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -368,7 +368,9 @@ class LocalEngineClient:
             await self._join(process, TERMINATE_WAIT)
             self._detail = f"failed to start: {message.message}"
             log.error("the engine failed to start: %s", message.message)
-            raise EngineError("The engine failed to start: tell the bot's operator.", retryable=False)
+            raise EngineError(
+                "The engine failed to start: tell the bot's operator.", retryable=False, detail=message.message
+            )
         if not isinstance(message, Ready):
             await self._join(process, TERMINATE_WAIT)
             self._detail = f"exited during start-up (exit code {process.exitcode})"

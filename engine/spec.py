@@ -145,11 +145,13 @@ class Result:
 
 class EngineError(Exception):
     """A job failed in the engine. `retryable` is True when the failure was not the job's fault
-    (the process died, a replica was lost) and the job should go back to the queue."""
+    (the process died, a replica was lost) and the job should go back to the queue. The message is
+    what members may read; `detail` (paths, exception text) is for the operator's log only."""
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, detail: str = "") -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.detail = detail
 
 
 class JobCancelled(Exception):

@@ -219,7 +219,7 @@ def test_cancel_of_a_queued_job_never_starts_it(worker: tuple[Child, Ready]) -> 
         (Text2Img(job_id="b1", prompt="x", model="nope", width=128, height=128), "Unknown model"),
         (Text2Img(job_id="b2", prompt="", width=128, height=128), "prompt is empty"),
         (Text2Img(job_id="b3", prompt="x", steps=99, width=128, height=128), "steps"),
-        (Refine(job_id="b4", prompt="x", image=b"GIF89a garbage"), "damaged"),
+        (Refine(job_id="b4", prompt="x", image=b"GIF89a garbage"), "PNG, JPEG or WebP"),
     ],
 )
 def test_bad_input_fails_without_retry(worker: tuple[Child, Ready], job: Any, needle: str) -> None:
