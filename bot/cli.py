@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(settings, token)
     if args.command == "demo":
-        from bot.demo import run_demo
+        from studio.demo import run_demo
 
         return asyncio.run(run_demo(settings, out_dir=args.out))
     if args.command == "models":

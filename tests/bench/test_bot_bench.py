@@ -14,7 +14,7 @@ Two set-ups, each with its own row in the report:
 
 * **bot in its own process** (`python -m bot`, as deployed; the sandbox stays in the test process,
   as Discord is elsewhere): the goal's figure;
-* **bot and sandbox in one process and event loop** (`bot.harness.open_studio`): the sandbox's own
+* **bot and sandbox in one process and event loop** (`studio.harness.open_studio`): the sandbox's own
   work (encoding the dispatches, serving the callbacks) is then inside the figures, and this
   variant can profile the loop. Its start-up heap is frozen as `atelier run` freezes the bot's.
 
@@ -42,8 +42,8 @@ import psutil
 import pytest
 
 from bot.app import freeze_startup_heap
-from bot.harness import build_world, open_studio, tiny_settings
-from bot.sandbox import Channel, Guild, InteractionRecord, Sandbox, User
+from sandbox import Channel, Guild, InteractionRecord, Sandbox, User
+from studio.harness import build_world, open_studio, tiny_settings
 from tests.bench import report
 from tests.reliability.bot_process import start_bot, stop_bot, wait_bot_ready, write_config
 

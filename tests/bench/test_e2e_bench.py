@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import Message
+from sandbox import Message
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.bench import report
 from tests.bench.test_engine_bench import CFG, SIZE, STEPS, BareLoop, bare, texts
 

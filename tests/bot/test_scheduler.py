@@ -375,8 +375,8 @@ async def test_an_engine_with_prefetch_gets_the_next_job_ahead() -> None:
 async def test_the_local_engine_starts_the_prefetched_job_back_to_back(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Through the real engine process: the next job waits in the worker, so it starts the moment
     the previous job's compute ends (no hand-over by the bot in between)."""
-    from bot.harness import tiny_settings
     from engine.client import LocalEngineClient
+    from studio.harness import tiny_settings
 
     config = tiny_settings(tiny_model_dir, tmp_path, engine={"preview_every": 0})
     engine = LocalEngineClient(config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, open_studio, tiny_settings
+from studio.harness import Studio, open_studio, tiny_settings
 
 
 @pytest.fixture(scope="module")

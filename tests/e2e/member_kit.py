@@ -10,9 +10,9 @@ from typing import Any
 
 from PIL import Image
 
-from bot.harness import Studio, job_id_of
-from bot.sandbox import Channel, InteractionRecord, Message, Sandbox, StoredFile, User
 from db.jobs import JobRecord
+from sandbox import Channel, InteractionRecord, Message, Sandbox, StoredFile, User
+from studio.harness import Studio, job_id_of
 
 TOTAL_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bot.harness import Studio
-from bot.sandbox import InteractionRecord, User
 from db.jobs import JobRecord
 from db.quotas import LedgerRecord
+from sandbox import InteractionRecord, User
+from studio.harness import Studio
 
 RESPONSE_WINDOW = 3.0
 ALL_STATUSES = ("queued", "running", "done", "failed", "cancelled")

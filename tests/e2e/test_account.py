@@ -8,8 +8,8 @@ import time
 import pytest
 
 from bot import delivery
-from bot.harness import Studio
 from bot.safety import SafetyVerdict
+from studio.harness import Studio
 from tests.e2e.member_kit import (
     assert_queued,
     assert_refused,

@@ -19,8 +19,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import InteractionRecord, InvocationError, User
+from sandbox import InteractionRecord, InvocationError, User
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.e2e.refusals import account, assert_fast, assert_nothing_charged, assert_queued, assert_refused
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]

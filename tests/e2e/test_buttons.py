@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.harness import Studio
 from engine import validate
+from studio.harness import Studio
 from tests.e2e.member_kit import (
     assert_queued,
     assert_refused,

@@ -34,7 +34,7 @@ GRID_BUTTONS = ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4", "Reroll", "Delet
 STEP_LINE = re.compile(r"^\s+(?P<what>.+?)\s{2,}(?P<outcome>.+?)\s+\((?P<seconds>[\d.]+) s\)$")
 POSTED = re.compile(r"posted (\d+) image\(s\), job ([0-9A-Z]{8})")
 SUMMARY = re.compile(r"^demo finished in [\d.]+ s: (\d+) steps, (\d+) image files$", re.M)
-# The scripted session (bot/demo.py): what each step posts.
+# The scripted session (studio/demo.py): what each step posts.
 EXPECTED_STEPS = [
     ("alice /generate", 1),
     ("alice clicks Reroll", 1),

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import Message, User
-from bot.sandbox import permissions as perms
 from bot.scheduler import JobEvent, ProgressEvent, Started
+from sandbox import Message, User
+from sandbox import permission_bits as perms
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.e2e.refusals import account, assert_fast, assert_nothing_charged, assert_queued, assert_refused, kinds
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from bot.harness import Studio
 from bot.render import SAMPLER_NAMES
 from engine.cost import cost_units
 from engine.spec import SAMPLERS, Text2Img
+from studio.harness import Studio
 from tests.e2e.member_kit import (
     assert_nothing_charged,
     assert_queued,

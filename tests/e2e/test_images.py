@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.harness import Studio
 from engine.cost import cost_units
 from engine.spec import Refine, Variations
 from engine.validate import fit_size
+from studio.harness import Studio
 from tests.e2e.member_kit import (
     assert_queued,
     assert_refused,

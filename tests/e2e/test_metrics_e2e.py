@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.e2e.refusals import assert_queued, assert_refused
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]

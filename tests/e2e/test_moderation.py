@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
 from bot.permissions import NotModerator
-from bot.sandbox import InvocationError, User
-from bot.sandbox import permissions as perms
 from db.moderation import EVERYWHERE
+from sandbox import InvocationError, User
+from sandbox import permission_bits as perms
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.e2e.refusals import (
     account,
     assert_fast,

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from bot.answer import DEFER_AFTER_SECONDS, FirstResponse
-from bot.harness import JOB_IN_TEXT, Studio, open_studio, tiny_settings
+from studio.harness import JOB_IN_TEXT, Studio, open_studio, tiny_settings
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 

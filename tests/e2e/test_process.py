@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.harness import build_world, job_id_of
-from bot.sandbox import Sandbox
 from db.jobs import JobStore
 from db.session import Database
+from sandbox import Sandbox
+from studio.harness import build_world, job_id_of
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from bot.harness import Studio, build_world, open_bot, tiny_settings
-from bot.sandbox import Sandbox
 from db.moderation import EVERYWHERE
+from sandbox import Sandbox
+from studio.harness import Studio, build_world, open_bot, tiny_settings
 from tests.e2e.member_kit import assert_queued, generate, results_for, wait_status
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]

@@ -26,11 +26,11 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import Channel, Message
 from config.settings import Settings
 from engine.client import LocalEngineClient
 from engine.spec import EngineClient, EngineHealth, ImageOut, Job, Progress, Refine, Result, Text2Img
+from sandbox import Channel, Message
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.bot.test_safety import encode, skin_figure
 from tests.e2e.refusals import assert_queued
 

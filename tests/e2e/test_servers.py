@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, job_id_of, open_bot, open_studio, tiny_settings
-from bot.sandbox import Sandbox
 from db.moderation import EVERYWHERE
+from sandbox import Sandbox
+from studio.harness import Studio, job_id_of, open_bot, open_studio, tiny_settings
 from tests.e2e.refusals import assert_fast, assert_queued, assert_refused
 from tests.e2e.test_bad_input import png
 

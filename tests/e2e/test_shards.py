@@ -24,14 +24,14 @@ import pytest_asyncio
 
 from bot.app import AtelierBot, ShardedAtelierBot, make_bot
 from bot.coordination import LOCK_POLL_SECONDS
-from bot.harness import JOB_IN_TEXT, tiny_settings
-from bot.sandbox import Channel, Guild, InteractionRecord, Message, Sandbox, User
-from bot.sandbox import permissions as perms
 from db.jobs import JobRecord, JobStore
 from db.ledger import SIGN
 from db.migrate import upgrade
 from db.quotas import QuotaStore
 from db.session import Database
+from sandbox import Channel, Guild, InteractionRecord, Message, Sandbox, User
+from sandbox import permission_bits as perms
+from studio.harness import JOB_IN_TEXT, tiny_settings
 from tests.db import pgserver
 from tests.db.conftest import PgTarget
 

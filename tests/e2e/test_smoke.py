@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from bot.harness import Studio, job_id_of
+from studio.harness import Studio, job_id_of
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
 from bot.permissions import NotModerator
 from bot.render import duration
-from bot.sandbox import permissions as perms
 from db.stats import activity_since
+from sandbox import permission_bits as perms
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.e2e.refusals import assert_fast, assert_queued, assert_refused
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from bot.harness import JOB_IN_TEXT
-from bot.sandbox import InteractionRecord
+from sandbox import InteractionRecord
+from studio.harness import JOB_IN_TEXT
 
 DEFERRED = 5  # interaction callback type: deferred channel message ("thinking…")
 LINK_TO_MESSAGE = re.compile(r"/(\d+)$")

@@ -16,8 +16,8 @@ from typing import Any
 
 import psutil
 
-from bot.sandbox import Sandbox
 from db.session import Database
+from sandbox import Sandbox
 
 
 def _toml_value(value: Any) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.harness import Studio, open_studio, tiny_settings
 from config.settings import Settings
+from studio.harness import Studio, open_studio, tiny_settings
 
 
 def reliability_settings(model_dir: Path, data_dir: Path, *, refiner: bool = True, **overrides: Any) -> Settings:

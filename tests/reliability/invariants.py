@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from bot.sandbox import Message, Sandbox
 from db.models import Job, LedgerEntry
 from db.session import Database
+from sandbox import Message, Sandbox
 
 ACTIVE = ("queued", "running")
 RESULT_BUTTON = re.compile(r"^atelier:delete:([0-9A-Za-z_-]+)$")

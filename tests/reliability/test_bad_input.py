@@ -30,10 +30,10 @@ from PIL import Image
 from sqlalchemy import select
 
 from bot.app import mistyped_option
-from bot.harness import Studio, job_id_of, open_studio
-from bot.sandbox import InteractionRecord, Message, User
-from bot.sandbox.commands import ATTACHMENT, BOOLEAN, CHANNEL, INTEGER, MENTIONABLE, NUMBER, ROLE, STRING, USER
 from db.models import Ban, BlocklistPattern, GuildSettings, LedgerEntry, QuotaRoleLimit, QuotaUserOverride
+from sandbox import InteractionRecord, Message, User
+from sandbox.command_registry import ATTACHMENT, BOOLEAN, CHANNEL, INTEGER, MENTIONABLE, NUMBER, ROLE, STRING, USER
+from studio.harness import Studio, job_id_of, open_studio
 from tests.e2e.refusals import assert_fast
 from tests.reliability.conftest import LogCapture, reliability_settings
 from tests.reliability.invariants import assert_invariants
@@ -156,7 +156,7 @@ def primitive(kind: int) -> st.SearchStrategy[Any]:
 def leaves(studio: Studio, *, moderator: bool) -> list[tuple[str, list[dict[str, Any]]]]:
     """(path, options) of every registered command ("mod quota set", ...): the privileged ones
     (/mod for a server's moderators, /operator for the bot's owner) or the others."""
-    from bot.sandbox.commands import walk_path
+    from sandbox.command_registry import walk_path
 
     out = []
     for command in studio.sb.registered_commands():

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bot.harness import build_world, job_id_of
-from bot.sandbox import Channel, Message, Sandbox, User
+from sandbox import Channel, Message, Sandbox, User
+from studio.harness import build_world, job_id_of
 from tests.reliability.answers import final_text, job_of, settle_answer
 from tests.reliability.bot_process import (
     database,

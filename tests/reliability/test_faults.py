@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 
 import bot.storage
-from bot.harness import Studio, job_id_of
-from bot.sandbox import User
 from bot.scheduler import JobEvent, ProgressEvent, Started
+from sandbox import User
+from studio.harness import Studio, job_id_of
 from tests.e2e.refusals import assert_fast, assert_queued
 from tests.reliability.answers import job_of, settle_answer
 from tests.reliability.invariants import assert_invariants, result_posts
@@ -368,7 +368,7 @@ async def test_a_lock_held_past_the_busy_timeout_while_a_job_finishes_loses_noth
 async def test_the_token_is_in_no_log_error_or_transcript(studio: Studio, all_logs: Any, tmp_path: Path) -> None:
     """Runs last in this module: everything above (crashes, Discord errors, a locked database)
     logged warnings and tracebacks; none of them, no message and no transcript holds the token."""
-    from bot.sandbox import write_transcript
+    from sandbox import write_transcript
 
     member = studio.new_member("last-one")
     (job_id,) = await queue_paused(studio, [(member, {"prompt": "a closing door", "steps": 2})])

@@ -32,11 +32,11 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from bot.harness import build_world
-from bot.sandbox import Channel, Guild, InteractionRecord, Message, Sandbox, User
 from db.ledger import EPSILON
 from engine.cost import cost_units
 from engine.spec import Text2Img
+from sandbox import Channel, Guild, InteractionRecord, Message, Sandbox, User
+from studio.harness import build_world
 from tests.reliability.answers import DEFERRED, final_text, job_of, settle_answer
 from tests.reliability.bot_process import database, peak_rss, start_bot, stop_bot, wait_bot_ready, write_config
 from tests.reliability.invariants import assert_invariants

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import errors
-from . import permissions as perms
-from .http_utils import json_response, no_content, read_body, read_json
-from .models import Channel, Message
+from . import api_errors as errors
+from . import permission_bits as perms
+from .http_json import json_response, no_content, read_body, read_json
 from .payloads import channel_payload, guild_payload, member_payload, message_payload
+from .records import Channel, Message
 
 if TYPE_CHECKING:
     from .server import Sandbox

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .http_utils import json_response
+from .http_json import json_response
 
 
 @dataclass

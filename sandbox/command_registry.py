@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
-from .errors import InvocationError
-from .ids import SnowflakeFactory
+from . import api_errors as errors
+from .api_errors import InvocationError
+from .snowflakes import SnowflakeFactory
 
 SUB_COMMAND = 1
 SUB_COMMAND_GROUP = 2

@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .settings import PRIVILEGED_INTENTS, SandboxSettings
-from .state import World
+from .tuning import PRIVILEGED_INTENTS, SandboxSettings
+from .world import World
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.app import AtelierBot, make_engine
-from bot.sandbox import Channel, Guild, InteractionRecord, Message, Role, Sandbox, User
-from bot.sandbox import permissions as perms
 from config.settings import Settings, load_settings
 from engine.spec import EngineClient
+from sandbox import Channel, Guild, InteractionRecord, Message, Role, Sandbox, User
+from sandbox import permission_bits as perms
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ The real discord.py client connects to it unchanged; only its two endpoint class
         write_transcript(sb, [studio], "demo-out")
 """
 
-from .commands import RegisteredCommand
-from .errors import ApiError, InvocationError, SandboxError
+from .api_errors import ApiError, InvocationError, SandboxError
+from .command_registry import RegisteredCommand
 from .faults import FaultRule
 from .interactions import CallbackRecord, InteractionRecord
-from .models import Channel, Guild, Member, Message, MessageSnapshot, Role, StoredFile, User
+from .records import Channel, Guild, Member, Message, MessageSnapshot, Role, StoredFile, User
 from .server import RequestRecord, Sandbox
-from .settings import SandboxSettings
 from .transcript import write_transcript
+from .tuning import SandboxSettings
 
 __all__ = [
     "ApiError",

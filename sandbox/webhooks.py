@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import errors
-from .http_utils import json_response, no_content, read_body
+from . import api_errors as errors
+from .http_json import json_response, no_content, read_body
 from .interactions import (
     APPLICATION_COMMAND,
     AUTOCOMPLETE,
@@ -33,8 +33,8 @@ from .interactions import (
     InteractionRecord,
 )
 from .messages import Upload
-from .models import EPHEMERAL, Message
 from .payloads import message_payload
+from .records import EPHEMERAL, Message
 
 if TYPE_CHECKING:
     from .server import Sandbox

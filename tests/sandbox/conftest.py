@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest_asyncio
 
-from bot.sandbox import Channel, Guild, Role, Sandbox, User
-from bot.sandbox import permissions as perms
+from sandbox import Channel, Guild, Role, Sandbox, User
+from sandbox import permission_bits as perms
 
 from .botkit import Recorder, TestBot
 

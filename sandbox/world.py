@@ -10,12 +10,12 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from . import errors
-from .ids import SnowflakeFactory
-from .models import CHANNEL_DM, Channel, Guild, Member, Message, StoredFile, User
+from . import api_errors as errors
+from .records import CHANNEL_DM, Channel, Guild, Member, Message, StoredFile, User
+from .snowflakes import SnowflakeFactory
 
 if TYPE_CHECKING:
-    from .commands import CommandRegistry
+    from .command_registry import CommandRegistry
     from .interactions import InteractionRecord
 
 T = TypeVar("T")

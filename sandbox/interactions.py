@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .models import EPHEMERAL, Message, StoredFile, User
+from .records import EPHEMERAL, Message, StoredFile, User
 
 if TYPE_CHECKING:
-    from .state import World
+    from .world import World
 
 PING = 1
 APPLICATION_COMMAND = 2

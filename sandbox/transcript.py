@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .models import Message, StoredFile
+from .records import Message, StoredFile
 
 if TYPE_CHECKING:
     from .server import Sandbox

@@ -12,8 +12,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from . import permissions as perms
-from .commands import (
+from . import permission_bits as perms
+from .api_errors import InvocationError, SandboxError
+from .command_registry import (
     ATTACHMENT,
     CHANNEL,
     MENTIONABLE,
@@ -24,8 +25,6 @@ from .commands import (
     nest,
     walk_path,
 )
-from .errors import InvocationError, SandboxError
-from .ids import make_interaction_token
 from .interactions import (
     APPLICATION_COMMAND,
     AUTOCOMPLETE,
@@ -34,8 +33,9 @@ from .interactions import (
     InteractionRecord,
 )
 from .messages import Upload
-from .models import Channel, Guild, Member, Message, Ref, StoredFile, User, ref_id
 from .payloads import channel_payload, member_payload, message_payload
+from .records import Channel, Guild, Member, Message, Ref, StoredFile, User, ref_id
+from .snowflakes import make_interaction_token
 
 if TYPE_CHECKING:
     from .server import Sandbox
@@ -47,7 +47,7 @@ CONTEXT_BOT_DM = 1
 
 
 class Driver:
-    """Mixed into :class:`~bot.sandbox.server.Sandbox`; methods act as a Discord user would."""
+    """Mixed into :class:`~sandbox.server.Sandbox`; methods act as a Discord user would."""
 
     # -- slash commands -------------------------------------------------------------------
     async def slash(

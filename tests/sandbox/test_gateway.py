@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import discord
 import pytest
 
-from bot.sandbox import Sandbox
+from sandbox import Sandbox
 
 from .conftest import build_world
 
@@ -37,7 +37,7 @@ async def connected(sb: Sandbox, intents: discord.Intents) -> AsyncIterator[disc
 
 
 async def test_heartbeats_chunking_and_message_content(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="bot.sandbox")
+    caplog.set_level(logging.DEBUG, logger="sandbox")
     async with Sandbox(heartbeat_interval=0.05) as sb:
         w = build_world(sb)
         async with connected(sb, discord.Intents.all()) as client:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import errors
+from . import api_errors as errors
 from .messages import Upload
 
 FILE_FIELD = re.compile(r"^files?\[(\d+)\]$|^file(\d*)$")

@@ -10,14 +10,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors, validation
+from . import api_errors as errors
+from . import message_limits as validation
 from .cdn import FileStore
 from .gateway import Gateway
-from .ids import utcnow
-from .models import EPHEMERAL, IS_COMPONENTS_V2, LOADING, SUPPRESS_EMBEDS, Channel, Message, StoredFile, User
 from .payloads import message_payload
-from .settings import SandboxSettings
-from .state import World
+from .records import EPHEMERAL, IS_COMPONENTS_V2, LOADING, SUPPRESS_EMBEDS, Channel, Message, StoredFile, User
+from .snowflakes import utcnow
+from .tuning import SandboxSettings
+from .world import World
 
 log = logging.getLogger(__name__)
 

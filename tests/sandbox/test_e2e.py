@@ -12,8 +12,8 @@ import hashlib
 import discord
 import pytest
 
-from bot.sandbox import InvocationError, write_transcript
-from bot.sandbox.models import EPHEMERAL
+from sandbox import InvocationError, write_transcript
+from sandbox.records import EPHEMERAL
 
 from .botkit import png_bytes
 from .conftest import Running

@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import permissions as perms
-from .models import CHANNEL_TEXT, Channel, Guild, Member, Ref, Role, User, ref_id
+from . import permission_bits as perms
 from .payloads import channel_payload, guild_payload, member_payload
+from .records import CHANNEL_TEXT, Channel, Guild, Member, Ref, Role, User, ref_id
 
 if TYPE_CHECKING:
     from .server import Sandbox
 
 
 class WorldBuilder:
-    """Mixed into :class:`~bot.sandbox.server.Sandbox`."""
+    """Mixed into :class:`~sandbox.server.Sandbox`."""
 
     def add_user(
         self: Sandbox, username: str, *, global_name: str | None = None, bot: bool = False, locale: str = "en-US"

@@ -11,8 +11,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import permissions as perms
-from .ids import iso
+from . import permission_bits as perms
+from .snowflakes import iso
 
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7

@@ -14,9 +14,9 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from .ids import SnowflakeFactory
-from .models import StoredFile
-from .state import World
+from .records import StoredFile
+from .snowflakes import SnowflakeFactory
+from .world import World
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 It wires the pieces together (REST, webhooks, gateway, CDN, fault injection) and is the object
 tests and ``make demo`` hold: create users/guilds/channels, point discord.py at ``api_base`` and
-``gateway_url``, act as users through the :class:`~bot.sandbox.driver.Driver` methods, and
+``gateway_url``, act as users through the :class:`~sandbox.driver.Driver` methods, and
 inspect what the bot did.
 """
 
@@ -18,23 +18,23 @@ from typing import Any
 
 from aiohttp import web
 
-from . import errors
+from . import api_errors as errors
 from .builder import WorldBuilder
 from .cdn import FileStore
-from .commands import CommandRegistry, RegisteredCommand
-from .driver import Driver
+from .command_registry import CommandRegistry, RegisteredCommand
 from .faults import FaultInjector, FaultRule
 from .gateway import Gateway, GatewaySession
-from .http_utils import error_response, json_response, redact
-from .ids import SnowflakeFactory, make_bot_token
+from .http_json import error_response, json_response, redact
 from .interactions import InteractionRecord
+from .member_actions import Driver
 from .messages import MessageService
-from .models import Guild, Message, Ref, StoredFile, User, ref_id
 from .payloads import application_payload, guild_payload, members_chunk, ready_payload
+from .records import Guild, Message, Ref, StoredFile, User, ref_id
 from .rest import RestApi
-from .settings import MIB, SandboxSettings
-from .state import World
+from .snowflakes import SnowflakeFactory, make_bot_token
+from .tuning import MIB, SandboxSettings
 from .webhooks import WebhookApi
+from .world import World
 
 log = logging.getLogger(__name__)
 

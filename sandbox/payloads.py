@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .ids import iso
-from .models import Channel, Guild, Member, Message, User
-from .state import World
+from .records import Channel, Guild, Member, Message, User
+from .snowflakes import iso
+from .world import World
 
 if TYPE_CHECKING:
     from .gateway import GatewaySession

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errors
-from .models import IS_COMPONENTS_V2
+from . import api_errors as errors
+from .records import IS_COMPONENTS_V2
 
 MAX_CONTENT = 2000
 MAX_EMBEDS = 10

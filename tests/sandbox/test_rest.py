@@ -13,7 +13,7 @@ import discord
 import pytest
 import pytest_asyncio
 
-from bot.sandbox import Sandbox
+from sandbox import Sandbox
 
 from .conftest import Lab, build_world
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bot.sandbox import Sandbox, write_transcript
-from bot.sandbox.messages import Upload
+from sandbox import Sandbox, write_transcript
+from sandbox.messages import Upload
 
 from .botkit import png_bytes
 from .conftest import build_world

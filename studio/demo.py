@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.harness import Studio, job_id_of, open_studio, tiny_settings
-from bot.sandbox import Message, write_transcript
 from config.settings import Settings
 from engine.tiny import build_tiny_sdxl
+from sandbox import Message, write_transcript
+from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 
 log = logging.getLogger(__name__)
 
