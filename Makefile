@@ -31,6 +31,7 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python scripts/audit.py
 	$(BIN)/pytest
 
@@ -48,6 +49,7 @@ audit: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format .

@@ -11,201 +11,43 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import pkgutil
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import discord
 import yarl
-from discord import app_commands
 from discord.ext import commands
 
+import bot.commands
+from bot.buttons import answer_unknown_button
 from bot.metrics import Metrics
-from bot.permissions import serves, serves_guild
-from bot.views import DYNAMIC_ITEMS, answer_unknown_button
+from bot.permissions import serves_guild
+from bot.tree import AtelierTree
+from bot.wiring import Wiring, make_engine, wire
 from config.settings import Settings
-from engine.spec import EngineClient, EngineHealth, Job, Progress, Result
+from db.moderation import ModerationStore
+from engine.api import EngineClient
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (
-    "bot.commands.generate",
-    "bot.commands.images",
-    "bot.commands.models",
-    "bot.commands.account",
-    "bot.commands.mod",
-    "bot.commands.operator",
-)
 SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def extensions() -> list[str]:
+    """Every cog module of bot/commands: one per feature, each with its `setup` (the helpers they
+    share are in bot/commands/common.py and scoped.py, without one)."""
+    found = pkgutil.iter_modules(bot.commands.__path__, prefix="bot.commands.")
+    helpers = {"bot.commands.common", "bot.commands.scoped"}
+    return sorted(module.name for module in found if module.name not in helpers)
 
 
 def point_discord_at(api_base: str, gateway: str) -> None:
     """discord.py keeps its endpoints in class attributes; the contract lets operators move them."""
     discord.http.Route.BASE = api_base.rstrip("/")
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway)
-
-
-class StartingEngine:
-    """An EngineClient that starts the real one in the background and makes `submit` wait for it,
-    so a slow model load never delays the bot's own start-up."""
-
-    def __init__(self, inner: EngineClient) -> None:
-        self.inner = inner
-        self._started: asyncio.Task[None] | None = None
-
-    @property
-    def slots(self) -> int:
-        # Read through: a distributed engine's slots follow its live replicas.
-        return self.inner.slots
-
-    @property
-    def prefetch(self) -> int:
-        return int(getattr(self.inner, "prefetch", 0))
-
-    async def start(self) -> None:
-        if self._started is None:
-            self._started = asyncio.create_task(self.inner.start(), name="engine-start")
-
-    async def ready(self) -> None:
-        await self.start()
-        assert self._started is not None
-        await asyncio.shield(self._started)
-
-    async def submit(self, job: Job) -> AsyncIterator[Progress | Result]:
-        await self.ready()
-        async for item in self.inner.submit(job):
-            yield item
-
-    async def cancel(self, job_id: str) -> bool:
-        return await self.inner.cancel(job_id)
-
-    async def close(self) -> None:
-        if self._started is not None and not self._started.done():
-            self._started.cancel()
-        await self.inner.close()
-
-    def health(self) -> EngineHealth:
-        return self.inner.health()
-
-
-def make_engine(settings: Settings) -> EngineClient:
-    if settings.engine.backend == "ray":
-        from engine.ray_client import RayEngineClient  # optional extra
-
-        return RayEngineClient(settings)
-    from engine.client import LocalEngineClient
-
-    return LocalEngineClient(settings)
-
-
-def error_text(error: app_commands.AppCommandError) -> str | None:
-    """The member-facing text for an app-command error; None for an unexpected one (a bug)."""
-    from bot.fairqueue import QueueFull
-    from bot.requests import Refused
-    from engine.validate import ValidationFailed
-
-    if isinstance(error, app_commands.CommandInvokeError):
-        original = error.original
-        if isinstance(original, Refused | ValidationFailed | QueueFull):
-            return str(original)
-        return None
-    if isinstance(error, app_commands.NoPrivateMessage):
-        return "This command works in a server, not in DMs."
-    if isinstance(error, app_commands.MissingPermissions):
-        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
-        return f"You need the {needed} permission for that."
-    if isinstance(error, app_commands.BotMissingPermissions):
-        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
-        return f"I am missing the {needed} permission in this channel: ask a server admin to grant it."
-    if isinstance(error, app_commands.CommandOnCooldown):
-        return f"Slow down: try again in {error.retry_after:.0f} s."
-    if isinstance(error, app_commands.CheckFailure):
-        # NotModerator, GuildOnly (bot.permissions) carry their own text.
-        return getattr(error, "message", None) or "You cannot use this command here."
-    if isinstance(error, app_commands.TransformerError):
-        return (
-            f"I could not use `{str(error.value)[:80]}` for that option: pick a value Discord offers "
-            "(a member, role or choice from the list) and try again."
-        )
-    if isinstance(error, app_commands.CommandNotFound | app_commands.CommandSignatureMismatch):
-        return "This command changed since your Discord app loaded it: reload Discord (Ctrl+R) and try again."
-    return None
-
-
-# Option type → the JSON types Discord sends for it (snowflakes arrive as strings).
-_OPTION_VALUE_TYPES: dict[int, tuple[type, ...]] = {3: (str,), 4: (int,), 5: (bool,), 10: (int, float)}
-
-
-def mistyped_option(options: list[Any]) -> str | None:
-    """The name of the first option (in sub-commands too) whose value has the wrong JSON type."""
-    for option in options:
-        if not isinstance(option, dict):
-            return "?"
-        kind, value = option.get("type"), option.get("value")
-        if kind in (1, 2):
-            found = mistyped_option(option.get("options") or [])
-            if found is not None:
-                return found
-            continue
-        expected = _OPTION_VALUE_TYPES.get(kind)  # type: ignore[arg-type]
-        if expected is None or "value" not in option:
-            continue
-        if isinstance(value, bool) and bool not in expected:  # bool is an int in Python, not in JSON
-            return str(option.get("name"))
-        if not isinstance(value, expected):
-            return str(option.get("name"))
-    return None
-
-
-class AtelierTree(app_commands.CommandTree):
-    """Every app-command error gets an ephemeral answer, so nothing ends in Discord's
-    "The application did not respond"; unexpected ones are logged with the interaction id."""
-
-    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        if not serves(interaction):
-            return False  # a server outside [discord] guilds: nothing at all, not even a refusal
-        # Discord sends every option value with its declared type; a payload that does not (a
-        # modified client, another compatible server) is refused here, not deep inside a command.
-        if interaction.type is not discord.InteractionType.application_command:
-            return True
-        name = mistyped_option((interaction.data or {}).get("options") or [])
-        if name is None:
-            return True
-        try:
-            await interaction.response.send_message(
-                f"The value given for `{name[:40]}` is not of the kind this option takes. Pick it again in Discord.",
-                ephemeral=True,
-            )
-        except discord.HTTPException as exc:
-            log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)
-        return False
-
-    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
-        text = error_text(error)
-        command = interaction.command.qualified_name if interaction.command else "?"
-        if text is None:
-            cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
-            log.error(
-                "command /%s by user %s failed (interaction %s)",
-                command,
-                interaction.user.id,
-                interaction.id,
-                exc_info=(type(cause), cause, cause.__traceback__),
-            )
-            text = (
-                f"Something went wrong on my side (reference `{interaction.id}`). Please try again; "
-                "if it keeps happening, tell a moderator."
-            )
-        else:
-            log.info("command /%s by user %s refused: %s", command, interaction.user.id, type(error).__name__)
-        try:
-            if interaction.response.is_done():
-                await interaction.followup.send(text, ephemeral=True)
-            else:
-                await interaction.response.send_message(text, ephemeral=True)
-        except discord.HTTPException as exc:
-            log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)
 
 
 def discord_connector(settings: Settings, options: dict[str, Any]) -> aiohttp.TCPConnector:
@@ -251,6 +93,12 @@ class AtelierBot(commands.Bot):
         self._engine_factory = engine_factory
         self._freeze_heap = freeze_heap
         self.accepting = True
+        self.wiring: Wiring
+
+    @property
+    def moderation(self) -> ModerationStore:
+        """For bot.permissions (a moderator role set with /mod)."""
+        return self.wiring.moderation
 
     async def on_ready(self) -> None:
         await self.leave_unlisted_guilds()
@@ -287,13 +135,11 @@ class AtelierBot(commands.Bot):
         self.metrics.note_interaction(interaction.id, kinds.get(interaction.type, "other"))
 
     async def setup_hook(self) -> None:
-        from bot.services import build_services
-
-        self.services = await build_services(self, self.settings, self._engine_factory)
-        self.requests = self.services.requests
-        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        self.wiring = await wire(
+            self, self.settings, self.metrics, engine_factory=self._engine_factory, accepting=lambda: self.accepting
+        )
         self.add_listener(answer_unknown_button, "on_interaction")
-        for extension in EXTENSIONS:
+        for extension in extensions():
             await self.load_extension(extension)
         await self.sync_commands()
         if self._freeze_heap:
@@ -320,9 +166,9 @@ class AtelierBot(commands.Bot):
             return
         self.accepting = False
         log.info("shutting down: grace %.0f s for the running job", grace)
-        services = getattr(self, "services", None)
-        if services is not None:
-            await services.stop(grace)
+        wiring: Wiring | None = getattr(self, "wiring", None)
+        if wiring is not None:
+            await wiring.stop(grace)
         await self.close()
 
 

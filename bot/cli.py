@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="where images and the HTML transcript go")
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SDXL (for tests and the demo)")
     tiny.add_argument("path")
+    tiny.add_argument(
+        "--full-size",
+        action="store_true",
+        help="the real SDXL base + refiner architecture instead (random weights, 11.5 GB; built on the GPU if any)",
+    )
     models = sub.add_parser("models", help="model tools")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("check", help="load every configured model and report")
@@ -59,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "tiny-model":
+            if args.full_size:
+                from engine.fullsize import fullsize_model_command
+
+                return fullsize_model_command(args.path)
             from engine.tiny import tiny_model_command
 
             return tiny_model_command(args.path)

@@ -32,19 +32,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import discord
 
 from bot.delivery import TERMINAL, Delivery, Tracked
+from bot.queue.scheduler import Scheduler
 from bot.render import cancelled_text, done_text, failed_text
-from bot.scheduler import Scheduler
+from config.settings import Settings
 from db.coordination import DispatcherLock, JobNotice, NoticeListener, NoticeSender
 from db.jobs import POSTING, InvalidTransition, JobError, JobRecord, JobStore, RecoveryResult
-
-if TYPE_CHECKING:
-    from bot.app import AtelierBot
-    from bot.services import Services
+from db.session import Database
 
 __all__ = ["LOCK_POLL_SECONDS", "Coordinator", "JobTaken", "SharedDelivery", "SharedScheduler", "SharedStore"]
 
@@ -89,8 +87,8 @@ class SharedStore:
     async def mark_cancelled(self, job_id: str) -> JobRecord:
         return await self.jobs.mark_cancelled(job_id)
 
-    async def requeue(self, job_id: str, error: str) -> JobRecord:
-        return await self.jobs.requeue(job_id, error)
+    async def requeue(self, job_id: str, error: str, *, attempt_used: bool = True) -> JobRecord:
+        return await self.jobs.requeue(job_id, error, attempt_used=attempt_used)
 
     async def recover_detailed(self, max_attempts: int = 3) -> RecoveryResult:
         # Running jobs may be running right now in the dispatcher: leave them alone.
@@ -124,8 +122,8 @@ class SharedScheduler(Scheduler[JobRecord]):
 class SharedDelivery(Delivery):
     """Only the dispatcher shows jobs in Discord, and a result is posted after a claim."""
 
-    def __init__(self, bot: AtelierBot, services: Services, *, dispatching: Callable[[], bool]) -> None:
-        super().__init__(bot, services)
+    def __init__(self, client: discord.Client, *, dispatching: Callable[[], bool], **parts: Any) -> None:
+        super().__init__(client, **parts)
         self._dispatching = dispatching
         self._in_flight: set[asyncio.Future[None]] = set()
 
@@ -137,7 +135,7 @@ class SharedDelivery(Delivery):
     async def post_result(
         self, record: JobRecord, result: Any, *, status_message_id: int | None
     ) -> discord.Message | None:
-        if not await self.services.jobs.claim_post(record.id):
+        if not await self.jobs.claim_post(record.id):
             log.info("job %s: result already posted (or being posted) by another process", record.id)
             return None
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -149,7 +147,7 @@ class SharedDelivery(Delivery):
             self._in_flight.discard(finished)
         if message is None:  # not posted: the claim goes back for a later try. (Interrupted half-way,
             # it stays claimed: the next dispatcher gives it back when it takes over.)
-            await self.services.jobs.release_post(record.id)
+            await self.jobs.release_post(record.id)
         return message
 
     async def drain(self, timeout: float) -> None:
@@ -175,16 +173,16 @@ class SharedDelivery(Delivery):
 
     async def _late_ending(self, job_id: str, message_id: int) -> None:
         deadline = time.monotonic() + LATE_CARD_WAIT_SECONDS
-        record = await self.services.jobs.get(job_id)
+        record = await self.jobs.get(job_id)
         while record is not None and record.result_message_id == POSTING and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            record = await self.services.jobs.get(job_id)
+            record = await self.jobs.get(job_id)
         if record is None or not record.is_final:
             return
         if record.status == "done":
             url = None
             if record.result_message_id not in (None, POSTING):
-                channel = self.bot.get_partial_messageable(record.channel_id, guild_id=record.guild_id)
+                channel = self.client.get_partial_messageable(record.channel_id, guild_id=record.guild_id)
                 url = channel.get_partial_message(record.result_message_id).jump_url
             content = done_text(record.id, url)
         elif record.status == "failed":
@@ -194,11 +192,24 @@ class SharedDelivery(Delivery):
         await self._edit(record, message_id, content=content, view=None, attachments=[])
 
 
+class SharedParts(Protocol):
+    """What the coordinator works with (bot.wiring.Wiring in shared mode)."""
+
+    settings: Settings
+    db: Database
+    jobs: JobStore
+    scheduler: SharedScheduler
+    delivery: SharedDelivery
+    engine: Any  # bot.wiring.StartingEngine
+
+    async def load_pauses(self) -> None: ...
+
+
 class Coordinator:
     """Listens for notices, keeps the local queue in step with the database, and takes the
     dispatcher role when the lock is free. See the module docstring."""
 
-    def __init__(self, services: Services, notices: NoticeSender, *, resync_seconds: float) -> None:
+    def __init__(self, services: SharedParts, notices: NoticeSender, *, resync_seconds: float) -> None:
         self.services = services
         self.jobs = services.jobs
         self.notices = notices
@@ -276,11 +287,11 @@ class Coordinator:
         self.takeovers += 1
         for record in recovery.queued:
             services.delivery.track(record)  # fresh rows: they carry the queue card ids
-        await services.load_pauses()  # type: ignore[attr-defined]
+        await services.load_pauses()
         for record in recovery.requeued:  # interrupted attempts go first, as retries do
             scheduler.adopt(record, publish=False, front=True)
         scheduler.absorb(recovery)
-        await services.engine.start()  # type: ignore[attr-defined]
+        await services.engine.start()
         scheduler.wake()
         self._tasks.append(asyncio.create_task(services.delivery.deliver_pending(), name="deliver-pending"))
         log.info(
@@ -318,7 +329,7 @@ class Coordinator:
         if event == "released":
             self._lock_wake.set()
         elif event in ("pause", "resume"):
-            await self.services.load_pauses()  # type: ignore[attr-defined]
+            await self.services.load_pauses()
         elif job_id is None:
             return
         elif event == "queued":
@@ -334,7 +345,7 @@ class Coordinator:
                 scheduler.forget(job_id, ended=record)
         elif event == "card" and notice.message_id is not None:
             if self.dispatching:
-                await self.services.delivery.note_card(job_id, notice.message_id)  # type: ignore[attr-defined]
+                await self.services.delivery.note_card(job_id, notice.message_id)
         elif event == "cancel" and self.dispatching:
             await scheduler.cancel(job_id)
 
@@ -363,6 +374,6 @@ class Coordinator:
                 self._adopt(record)
         for view in scheduler.snapshot():
             if view.status == "queued" and view.job_id not in in_db:
-                record = await self.jobs.get(view.job_id)
-                if record is None or record.status != "queued":
-                    scheduler.forget(view.job_id, ended=record if self.dispatching else None)
+                current = await self.jobs.get(view.job_id)
+                if current is None or current.status != "queued":
+                    scheduler.forget(view.job_id, ended=current if self.dispatching else None)

@@ -1,10 +1,10 @@
-"""Showing a job's life in Discord: the status message while it waits and runs, then the result.
+"""Showing a job's life in Discord: the status message while it waits and runs, then the result
+(bot.results).
 
 Everything is sent with the bot's own token (channel messages), never an interaction token, so a
 job that waited longer than the 15-minute interaction lifetime still posts. Status edits are
-throttled to one per `EDIT_INTERVAL` seconds per job (the latest state wins). Images are saved to
-the output folder before the job is marked done, so a bot that dies between "done" and "posted"
-posts the result after its restart (`deliver_pending`).
+throttled to one per `EDIT_INTERVAL` seconds per job (the latest state wins). A bot that dies
+between "done" and "posted" posts the result after its restart (`deliver_pending`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from bot.answer import FirstResponse
+from bot.buttons import progress_view
+from bot.interactions import FirstResponse
 from bot.render import (
     QueueCard,
     cancelled_text,
@@ -26,21 +28,21 @@ from bot.render import (
     failed_text,
     progress_text,
     queue_card,
-    result_embed,
     starting_text,
 )
-from bot.safety import Decision, decide
-from bot.scheduler import Cancelled, Done, Failed, JobEvent, ProgressEvent, Queued, Started
-from bot.storage import StorageError
-from bot.views import progress_view, result_view
-from db.jobs import JobRecord
-from engine.spec import ImageOut, Result
-
-if TYPE_CHECKING:
-    from bot.app import AtelierBot
-    from bot.services import Services
+from bot.results import ResultPoster
+from bot.safety import SafetyChecker
+from config.settings import SafetySettings
+from db.jobs import JobRecord, JobStore
+from engine.api import Result
+from engine.jobs.events import Cancelled, Done, Failed, JobEvent, ProgressEvent, Queued, Started
 
 log = logging.getLogger(__name__)
+
+# A result discord.py could not post (its own five tries spent on 5xx/429) is posted again later,
+# after 2, 4, 8 s: three posts at most, each of them one discord.py request.
+POST_TRIES = 3
+POST_LATER = wait_exponential(multiplier=1, min=2, max=30)
 
 EDIT_INTERVAL = 2.0
 # A queued card further back changes position on every job that finishes or jumps ahead, and
@@ -48,7 +50,6 @@ EDIT_INTERVAL = 2.0
 # EDIT_INTERVAL × position seconds (position 1: 2 s, position 10: 20 s), never less often than
 # QUEUED_EDIT_MAX. A queue of 500 then costs about 6 edits a second instead of 250.
 QUEUED_EDIT_MAX = 120.0
-POST_ATTEMPTS = 4
 CARD_BATCH_SECONDS = 0.02  # how long a queue card's id waits for others to share its write
 TERMINAL = (Done, Failed, Cancelled)
 
@@ -76,9 +77,20 @@ class Tracked:
 
 
 class Delivery:
-    def __init__(self, bot: AtelierBot, services: Services) -> None:
-        self.bot = bot
-        self.services = services
+    def __init__(
+        self,
+        client: discord.Client,
+        *,
+        jobs: JobStore,
+        results: ResultPoster,
+        safety: SafetyChecker,
+        safety_settings: SafetySettings,
+    ) -> None:
+        self.client = client
+        self.jobs = jobs
+        self.results = results
+        self.safety = safety
+        self.safety_settings = safety_settings
         self._jobs: dict[str, Tracked] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._posting: set[str] = set()
@@ -114,7 +126,7 @@ class Delivery:
     async def _write_cards(self) -> None:
         await asyncio.sleep(CARD_BATCH_SECONDS)
         batch, self._unsaved_cards, self._cards_saved = self._unsaved_cards, {}, None
-        await self.services.jobs.set_status_messages(batch)
+        await self.jobs.set_status_messages(batch)
 
     def note_cancel_by_moderator(self, job_id: str, by_moderator: bool) -> None:
         tracked = self._jobs.get(job_id)
@@ -170,7 +182,7 @@ class Delivery:
                 if tracked.status_message_id is None or event is None:
                     continue
                 # Edits wait out the throttle of the latest state; an ending never waits.
-                while not isinstance(event, TERMINAL):
+                while event is not None and not isinstance(event, TERMINAL):
                     wait = tracked.last_edit + edit_interval(event) - time.monotonic()
                     if wait <= 0:
                         break
@@ -227,9 +239,9 @@ class Delivery:
         """Previews get the same check as results: a 64–128 px preview of an explicit image is
         explicit too (nudenet flags it at that size). A flagged one is left out of the progress
         message outside age-restricted channels, whatever the action (~0.02 s, ≤ 1 per 2 s a job)."""
-        if not self.services.settings.safety.enabled or await self._age_restricted(record.channel_id):
+        if not self.safety_settings.enabled or await self.results.age_restricted(record.channel_id):
             return True
-        verdict = await self.services.safety.check(preview)
+        verdict = await self.safety.check(preview)
         if verdict.explicit:
             log.info("job=%s preview withheld (%s)", record.id, ", ".join(verdict.labels) or verdict.error)
         return not verdict.explicit
@@ -238,7 +250,7 @@ class Delivery:
         if message_id is None:
             return False
         await FirstResponse.answers_first()
-        message = self.bot.get_partial_messageable(record.channel_id).get_partial_message(message_id)
+        message = self.client.get_partial_messageable(record.channel_id).get_partial_message(message_id)
         try:
             await message.edit(**kwargs)
             return True
@@ -266,74 +278,29 @@ class Delivery:
             text = cancelled_text(record.id, record.cost, tracked.cancelled_by_moderator)
             await self._edit(record, message_id, content=text, view=None, attachments=[])
 
-    async def store_images(self, record: JobRecord, result: Result) -> list[dict[str, Any]]:
-        """The scheduler's hook before `mark_done`: keep the images on disk for buttons and /job.
-        A full disk does not fail the job: the result is still posted from memory."""
-        stored = []
-        for index, image in enumerate(result.images):
-            entry: dict[str, Any] = {
-                "seed": image.seed,
-                "format": image.format,
-                "width": image.width,
-                "height": image.height,
-                "bytes": len(image.data),
-            }
-            try:
-                entry["path"] = str(await asyncio.to_thread(self.services.outputs.save, record.id, index, image))
-            except StorageError as exc:
-                log.error("job=%s %s", record.id, exc)
-            stored.append(entry)
-        return stored
-
     async def post_result(
         self, record: JobRecord, result: Result | None, *, status_message_id: int | None
     ) -> discord.Message | None:
+        """Post a finished job's result. discord.py retries a 5xx or 429 itself; when it gives up,
+        the post is not retried around it at once but tried again later (POST_LATER waits, as a
+        restart's pending posts are), and only then does the status message point to `/job`."""
         if record.id in self._posting:
             return None
         self._posting.add(record.id)
+        message = None
         try:
-            return await self._post_result(record, result, status_message_id)
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(POST_TRIES),
+                wait=POST_LATER,
+                retry=retry_if_exception_type(discord.HTTPException),
+                reraise=True,
+            ):
+                with attempt:
+                    message = await self.results.send(record, result, status_message_id=status_message_id)
+        except discord.HTTPException as exc:
+            log.warning("job=%s posting failed %d times: %s %s", record.id, POST_TRIES, exc.status, exc.text)
         finally:
             self._posting.discard(record.id)
-
-    async def _post_result(
-        self, record: JobRecord, result: Result | None, status_message_id: int | None
-    ) -> discord.Message | None:
-        await FirstResponse.answers_first()  # a result can wait for a burst's deferrals
-        images = result.images if result is not None else await self._stored_images(record)
-        seconds = result.seconds if result is not None else (record.seconds or 0.0)
-        # guild_id makes message.jump_url a real link (discord.com/channels/<guild>/...), not @me
-        channel = self.bot.get_partial_messageable(record.channel_id, guild_id=record.guild_id)
-        age_restricted = await self._age_restricted(record.channel_id)
-        files, notice = await self._files(record, images, age_restricted)
-        embed = self._embed(record, images, seconds, notice)
-        reference = None
-        if status_message_id is not None:
-            reference = discord.MessageReference(
-                message_id=status_message_id, channel_id=record.channel_id, fail_if_not_exists=False
-            )
-        message = None
-        for attempt in range(1, POST_ATTEMPTS + 1):
-            try:
-                for file in files:
-                    file.reset()
-                message = await channel.send(
-                    content=f"<@{record.owner_id}>",
-                    embed=embed,
-                    files=files,
-                    view=result_view(record.id, len(images)),
-                    reference=reference,
-                    allowed_mentions=discord.AllowedMentions(users=True, replied_user=False),
-                )
-                break
-            except discord.Forbidden:
-                log.error("job=%s not allowed to post in channel %s", record.id, record.channel_id)
-                break
-            except discord.HTTPException as exc:
-                log.warning("job=%s posting failed (attempt %d): %s %s", record.id, attempt, exc.status, exc.text)
-                if exc.status < 500 and exc.status != 429:
-                    break
-                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
         if message is None:
             await self._edit(
                 record,
@@ -343,139 +310,19 @@ class Delivery:
                 attachments=[],
             )
             return None
-        log.info("job=%s event=posted message=%s channel=%s", record.id, message.id, record.channel_id)
-        await self._remember_post(record, message)
         await self._edit(
-            record,
-            status_message_id,
-            content=done_text(record.id, message.jump_url),
-            view=None,
-            attachments=[],
+            record, status_message_id, content=done_text(record.id, message.jump_url), view=None, attachments=[]
         )
         return message
 
-    async def _remember_post(self, record: JobRecord, message: discord.Message) -> None:
-        images = [dict(i) for i in record.images]
-        by_name = {a.filename: a.url for a in message.attachments}
-        for index, entry in enumerate(images):
-            url = by_name.get(_filename(record.id, index, entry.get("format", "png")))
-            if url:
-                entry["url"] = url
-        await self.services.jobs.record_post(record.id, message.id, images)
-
-    async def _stored_images(self, record: JobRecord) -> list[ImageOut]:
-        images = []
-        for entry in record.images:
-            data = None
-            if entry.get("path"):
-                data = await asyncio.to_thread(self.services.outputs.read, entry["path"])
-            if data is None and entry.get("url"):
-                try:
-                    data = await self.bot.http.get_from_cdn(entry["url"])
-                except discord.HTTPException:
-                    data = None
-            if data is not None:
-                images.append(
-                    ImageOut(
-                        data,
-                        entry.get("format", "png"),
-                        entry.get("seed", 0),
-                        entry.get("width", 0),
-                        entry.get("height", 0),
-                    )
-                )
-        return images
-
-    async def _age_restricted(self, channel_id: int) -> bool:
-        channel = self.bot.get_channel(channel_id)
-        if channel is None:
-            try:
-                channel = await self.bot.fetch_channel(channel_id)
-            except discord.HTTPException:
-                return False
-        return bool(getattr(channel, "is_nsfw", lambda: False)())
-
-    async def _files(
-        self, record: JobRecord, images: list[ImageOut], age_restricted: bool
-    ) -> tuple[list[discord.File], str]:
-        files, withheld, spoilered = [], 0, 0
-        for index, image in enumerate(images):
-            verdict = await self.services.safety.check(image.data)
-            decision = decide(verdict, channel_age_restricted=age_restricted, settings=self.services.settings.safety)
-            if decision is Decision.WITHHOLD:
-                withheld += 1
-                log.info("job=%s image %d withheld (%s)", record.id, index + 1, ", ".join(verdict.labels))
-                continue
-            spoiler = decision is Decision.SPOILER
-            spoilered += spoiler
-            files.append(
-                discord.File(
-                    io.BytesIO(image.data),
-                    filename=_filename(record.id, index, image.format),
-                    spoiler=spoiler,
-                )
-            )
-        notes = []
-        if withheld:
-            notes.append(f"{withheld} image(s) withheld: flagged as explicit, and this channel is not age-restricted.")
-        if spoilered:
-            notes.append(f"{spoilered} image(s) flagged as explicit are hidden behind a spoiler.")
-        return files, " ".join(notes)
-
-    def _embed(self, record: JobRecord, images: list[ImageOut], seconds: float, notice: str) -> discord.Embed:
-        p = record.params
-        size = (images[0].width, images[0].height) if images else tuple(p.get("input_size") or (0, 0))
-        return result_embed(
-            job_id=record.id,
-            kind=record.kind,
-            prompt=str(p.get("prompt", "")),
-            negative=str(p.get("negative", "")),
-            seeds=[image.seed for image in images] or record.seeds,
-            model=str(p.get("model", "")),
-            sampler=str(p.get("sampler", "")),
-            steps=int(p.get("steps", 0)),
-            cfg=float(p.get("cfg", 0)),
-            size=size,  # type: ignore[arg-type]
-            seconds=seconds,
-            requested_by=self._display_name(record),
-            strength=p.get("strength"),
-            notice=notice,
-        )
-
-    def _display_name(self, record: JobRecord) -> str | None:
-        """The owner's name for the embed footer (footers show no mentions: `<@id>` stays raw)."""
-        guild = self.bot.get_guild(record.guild_id) if record.guild_id else None
-        user = (guild.get_member(record.owner_id) if guild else None) or self.bot.get_user(record.owner_id)
-        return user.display_name if user is not None else None
-
-    # ------------------------------------------------------------------ re-posting and recovery
-    async def repost(self, interaction: discord.Interaction, record: JobRecord) -> None:
-        from bot.requests import Refused
-
-        images = await self._stored_images(record)
-        if not images:
-            raise Refused(f"The images of job `{record.id}` are no longer available.")
-        # Judged by the channel it is re-posted in, not the one the job was made in.
-        age_restricted = await self._age_restricted(interaction.channel_id) if interaction.channel_id else False
-        files, notice = await self._files(record, images, age_restricted)
-        await interaction.followup.send(
-            embed=self._embed(record, images, record.seconds or 0.0, notice),
-            files=files,
-            view=result_view(record.id, len(images)),
-        )
-
     async def deliver_pending(self) -> None:
         """Post results of jobs that finished but were never posted (the bot died in between)."""
-        await self.bot.wait_until_ready()
-        for record in await self.services.jobs.list_by_status(["done"]):
+        await self.client.wait_until_ready()
+        for record in await self.jobs.list_by_status(["done"]):
             if record.result_message_id is None and record.images:
                 # Read it again: this run may have posted it since the list was read.
-                current = await self.services.jobs.get(record.id)
+                current = await self.jobs.get(record.id)
                 if current is None or current.result_message_id is not None:
                     continue
                 log.info("job=%s posting a result left unposted by the previous run", record.id)
                 await self.post_result(record, None, status_message_id=record.status_message_id)
-
-
-def _filename(job_id: str, index: int, fmt: str) -> str:
-    return f"{job_id}-{index + 1}.{'jpg' if fmt == 'jpeg' else fmt}"

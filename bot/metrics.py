@@ -40,8 +40,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bot.scheduler import Cancelled, Done, Failed, JobEvent, Queued, Scheduler, Started
-from engine.spec import EngineClient, EngineHealth
+from bot.queue.scheduler import Cancelled, Done, Failed, JobEvent, Queued, Scheduler, Started
+from engine.api import EngineClient, EngineHealth
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Metrics:
     def set_queue_depth(self, band: int | str, depth: int) -> None:
         self.queue_depth.labels(band=str(band)).set(depth)
 
-    def set_queue_depths(self, depths: Mapping[int | str, int]) -> None:
+    def set_queue_depths(self, depths: Mapping[int, int] | Mapping[str, int]) -> None:
         """Set every band at once; bands missing from `depths` drop to 0 (they emptied)."""
         seen = {str(band) for band in depths}
         for labels in list(self._band_labels()):

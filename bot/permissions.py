@@ -9,15 +9,24 @@ Three circles, each scoped:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import discord
 from discord import app_commands
 
 from config.settings import Settings
+from db.moderation import ModerationStore
 
-if TYPE_CHECKING:
-    from bot.app import AtelierBot
+
+class _Bot(Protocol):
+    """What these checks read of the bot (bot.app.AtelierBot)."""
+
+    settings: Settings
+
+    @property
+    def moderation(self) -> ModerationStore: ...
+
+    async def is_owner(self, user: discord.abc.User, /) -> bool: ...
 
 
 class NotModerator(app_commands.CheckFailure):
@@ -42,8 +51,7 @@ def serves_guild(settings: Settings, guild_id: int | None) -> bool:
 
 def serves(interaction: discord.Interaction) -> bool:
     """Whether to answer this interaction: not when it comes from a server outside `guilds`."""
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
-    return serves_guild(bot.settings, interaction.guild_id)
+    return serves_guild(cast(_Bot, interaction.client).settings, interaction.guild_id)
 
 
 async def is_moderator(interaction: discord.Interaction) -> bool:
@@ -52,17 +60,16 @@ async def is_moderator(interaction: discord.Interaction) -> bool:
         return False
     if member.guild_permissions.manage_guild or member.guild_permissions.administrator:
         return True
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
+    bot = cast(_Bot, interaction.client)
     roles = {role.id for role in member.roles}
     configured = set(bot.settings.discord.moderator_roles)
-    stored = set((await bot.services.moderation.get_settings(interaction.guild_id)).moderator_roles)
+    stored = set((await bot.moderation.get_settings(interaction.guild_id)).moderator_roles)
     return bool(roles & (configured | stored))
 
 
 async def is_operator(interaction: discord.Interaction) -> bool:
     """The application's owner (or a member of its team): not any server's owner."""
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
-    return await bot.is_owner(interaction.user)
+    return await cast(_Bot, interaction.client).is_owner(interaction.user)
 
 
 def moderator_only() -> Any:

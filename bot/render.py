@@ -13,6 +13,9 @@ from datetime import datetime
 
 import discord
 
+from engine.jobs import label_of
+from engine.options import SAMPLER_LABELS
+
 CONTENT_LIMIT = 2000
 DESCRIPTION_LIMIT = 4096
 FIELD_LIMIT = 1024
@@ -20,14 +23,6 @@ BAR_WIDTH = 16
 ACCENT = discord.Colour(0x7C5CFF)
 FAILED = discord.Colour(0xE5484D)
 
-SAMPLER_NAMES = {
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "euler_a": "Euler a",
-    "euler": "Euler",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-    "dpmpp_sde_karras": "DPM++ SDE Karras",
-}
 PHASE_NAMES = {
     "load": "loading model",
     "base": "base",
@@ -36,7 +31,6 @@ PHASE_NAMES = {
     "decode": "decoding",
     "encode": "encoding",
 }
-KIND_NAMES = {"text2img": "Generate", "refine": "Refine", "variations": "Variations", "upscale": "Upscale"}
 
 
 def cut(text: str, limit: int) -> str:
@@ -84,23 +78,20 @@ def queue_card(card: QueueCard) -> str:
     left = ""
     if card.show_remaining:
         left = " · unlimited" if card.remaining is None else f" · {units(card.remaining)} units left"
-    return (
-        f"Queued · {where}{eta}\n"
-        f"{KIND_NAMES.get(card.kind, card.kind)} · Job `{card.job_id}` · Cost {units(card.cost)} units{left}"
-    )
+    return f"Queued · {where}{eta}\n{label_of(card.kind)} · Job `{card.job_id}` · Cost {units(card.cost)} units{left}"
 
 
 def progress_text(job_id: str, kind: str, step: int, total: int, phase: str, elapsed: float) -> str:
     pct = 0 if total <= 0 else round(100 * step / total)
     return (
-        f"Running · {KIND_NAMES.get(kind, kind)} · Job `{job_id}`\n"
+        f"Running · {label_of(kind)} · Job `{job_id}`\n"
         f"`{bar(step, total)}` {pct}% · step {step}/{total} · {PHASE_NAMES.get(phase, phase)}"
         f" · {duration(elapsed)}"
     )
 
 
 def starting_text(job_id: str, kind: str) -> str:
-    return f"Running · {KIND_NAMES.get(kind, kind)} · Job `{job_id}`\n`{bar(0, 1)}` starting…"
+    return f"Running · {label_of(kind)} · Job `{job_id}`\n`{bar(0, 1)}` starting…"
 
 
 def done_text(job_id: str, result_url: str | None) -> str:
@@ -138,13 +129,13 @@ def result_embed(
     """The result card: the prompt verbatim (cut only at its end) and every setting needed to redo it."""
     description = prompt if prompt else "*(no prompt)*"
     embed = discord.Embed(description=cut(description, DESCRIPTION_LIMIT), colour=ACCENT)
-    embed.set_author(name=f"{KIND_NAMES.get(kind, kind)} · Job {job_id}")
+    embed.set_author(name=f"{label_of(kind)} · Job {job_id}")
     if negative:
         embed.add_field(name="Negative", value=cut(negative, FIELD_LIMIT), inline=False)
     seed_text = ", ".join(str(seed) for seed in seeds)
     embed.add_field(name="Seeds" if len(seeds) > 1 else "Seed", value=cut(seed_text, FIELD_LIMIT))
     embed.add_field(name="Model", value=cut(model, FIELD_LIMIT))
-    embed.add_field(name="Sampler", value=SAMPLER_NAMES.get(sampler, sampler))
+    embed.add_field(name="Sampler", value=SAMPLER_LABELS.get(sampler, sampler))
     embed.add_field(name="Steps", value=str(steps))
     embed.add_field(name="CFG", value=f"{cfg:g}")
     embed.add_field(name="Size", value=f"{size[0]}×{size[1]}")

@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from config.settings import StorageSettings
-from engine.spec import ImageOut
+from engine.api import ImageOut
 
 log = logging.getLogger(__name__)
 

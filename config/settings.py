@@ -216,7 +216,7 @@ class GenerationSettings(Section):
     @field_validator("default_sampler")
     @classmethod
     def _known_sampler(cls, sampler: str) -> str:
-        from engine.spec import SAMPLERS
+        from engine.options import SAMPLERS
 
         if sampler not in SAMPLERS:
             raise ValueError(f"must be one of {', '.join(SAMPLERS)}")

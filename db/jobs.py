@@ -5,36 +5,43 @@ Every method is one transaction that is committed before it returns, so the call
 change and its quota effect (commit on done, refund on failed/cancelled) are written in the
 same transaction: a job can never end up failed-but-charged or done-but-refunded.
 
-Callers get ``JobRecord`` snapshots (frozen dataclasses), never ORM objects, so no session or
-lazy load leaks out of this module.
+Callers get ``JobRecord`` snapshots (db.job_records). A job's parameters are JSON written by the
+job vocabulary (engine.jobs), which this layer does not import: the kinds it accepts are given
+(``kinds``).
 
 With a ``NoticeSender`` (several bot processes sharing one PostgreSQL, see ``db.coordination``)
 every state change also sends a notice inside its own transaction, so other processes hear of
 it exactly when it commits.
-
-Allowed transitions::
-
-    queued  -> running | cancelled | failed
-    running -> done | failed | cancelled | queued (requeue after a retryable failure)
-    done, failed, cancelled: final
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from db.coordination import NoticeSender
+from db.job_records import (
+    ACTIVE_STATUSES,
+    FINAL_STATUSES,
+    POSTING,
+    TRANSITIONS,
+    DuplicateJobId,
+    InvalidTransition,
+    JobError,
+    JobNotFound,
+    JobRecord,
+    RecoveryResult,
+    check_statuses,
+    erased_params,
+)
 from db.ledger import LedgerStateError, commit_job, refund_job
-from db.models import JOB_KINDS, JOB_STATUSES, Job, LedgerEntry, utcnow
+from db.models import Job, LedgerEntry, utcnow
 from db.quotas import QuotaStore, Refusal, Reservation
 from db.session import Database
 
@@ -47,143 +54,32 @@ __all__ = [
     "JobError",
     "JobNotFound",
     "JobRecord",
-    "JobStats",
     "JobStore",
     "RecoveryResult",
 ]
 
 Reserve = aliased(LedgerEntry)
 
-POSTING = 0
-"""``result_message_id`` while a process is posting the result (``claim_post``); no real message id is 0."""
-
-ACTIVE_STATUSES = ("queued", "running")
-FINAL_STATUSES = ("done", "failed", "cancelled")
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"done", "failed", "cancelled", "queued"}),
-    "done": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
-}
-
-
-class JobError(Exception):
-    """Base class of job store errors."""
-
-
-class JobNotFound(JobError, LookupError):
-    def __init__(self, job_id: str):
-        super().__init__(f"no job {job_id}")
-        self.job_id = job_id
-
-
-class DuplicateJobId(JobError):
-    """The id is taken: draw a new one with ``db.ids.new_job_id`` and try again."""
-
-
-class InvalidTransition(JobError):
-    def __init__(self, job_id: str, current: str, target: str):
-        super().__init__(f"job {job_id}: cannot go from {current} to {target}")
-        self.job_id, self.current, self.target = job_id, current, target
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    kind: str
-    owner_id: int
-    guild_id: int | None
-    channel_id: int
-    interaction_id: int | None
-    request_message_id: int | None
-    status_message_id: int | None
-    result_message_id: int | None
-    params: dict[str, Any]
-    cost: float
-    band: int
-    status: str
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    images: list[dict[str, Any]]
-    seeds: list[int]
-    seconds: float | None
-    deleted_at: datetime | None = None
-
-    @property
-    def is_final(self) -> bool:
-        return self.status in FINAL_STATUSES
-
-    @property
-    def deleted(self) -> bool:
-        return self.deleted_at is not None
-
-    @classmethod
-    def from_row(cls, j: Job) -> JobRecord:
-        return cls(
-            id=j.id,
-            kind=j.kind,
-            owner_id=j.owner_id,
-            guild_id=j.guild_id,
-            channel_id=j.channel_id,
-            interaction_id=j.interaction_id,
-            request_message_id=j.request_message_id,
-            status_message_id=j.status_message_id,
-            result_message_id=j.result_message_id,
-            params=dict(j.params or {}),
-            cost=j.cost,
-            band=j.band,
-            status=j.status,
-            attempts=j.attempts,
-            created_at=j.created_at,
-            started_at=j.started_at,
-            finished_at=j.finished_at,
-            error=j.error,
-            images=[dict(i) for i in (j.images or [])],
-            seeds=list(j.seeds or []),
-            seconds=j.seconds,
-            deleted_at=j.deleted_at,
-        )
-
-
-@dataclass(frozen=True)
-class RecoveryResult:
-    requeued: list[JobRecord]
-    """Jobs that were running at shutdown and went back to the queue."""
-    failed: list[JobRecord]
-    """Jobs that were running at shutdown and had used all attempts: failed and refunded."""
-    queued: list[JobRecord]
-    """Every queued job after recovery, oldest first (what the scheduler should load)."""
-    orphans_refunded: list[str] = field(default_factory=list)
-    """Job ids that had a quota reservation but no job row (a crash between ``reserve`` and
-    ``create``): their units were given back."""
-
-
-@dataclass(frozen=True)
-class JobStats:
-    since: datetime
-    total: int
-    by_status: dict[str, int] = field(default_factory=dict)
-    users: int = 0
-    mean_wait_seconds: float | None = None
-    """Mean of started_at - created_at over jobs that started."""
-    run_seconds: float = 0.0
-    """Sum of generation seconds of jobs that finished."""
-
 
 class JobStore:
     """CRUD and validated state transitions for jobs. ``clock`` is injectable for tests;
-    ``notices`` (PostgreSQL only) makes every state change send a ``JobNotice``."""
+    ``notices`` (PostgreSQL only) makes every state change send a ``JobNotice``; ``kinds``, when
+    given, are the only job kinds accepted."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow, notices: NoticeSender | None = None):
+    def __init__(
+        self,
+        db: Database,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        notices: NoticeSender | None = None,
+        kinds: Collection[str] | None = None,
+    ):
         if notices is not None and not db.is_postgres:
             raise ValueError("job notices need PostgreSQL (LISTEN/NOTIFY)")
         self.db = db
         self.clock = clock
         self.notices = notices
+        self.kinds = kinds
 
     async def _notify(self, s: AsyncSession, event: str, job_id: str, *, message_id: int | None = None) -> None:
         if self.notices is not None:
@@ -203,7 +99,7 @@ class JobStore:
         interaction_id: int | None,
         request_message_id: int | None,
     ) -> Job:
-        if kind not in JOB_KINDS:
+        if self.kinds is not None and kind not in self.kinds:
             raise ValueError(f"unknown job kind {kind!r}")
         if cost < 0:
             raise ValueError("cost must be >= 0")
@@ -488,7 +384,7 @@ class JobStore:
             .values(result_message_id=POSTING)
         )
         async with self.db.session() as s:
-            return bool((await s.execute(stmt)).rowcount)
+            return bool(cast(CursorResult[Any], await s.execute(stmt)).rowcount)
 
     async def release_post(self, job_id: str) -> None:
         """Give a ``claim_post`` back (the post failed): a later ``deliver_pending`` may try again."""
@@ -501,7 +397,7 @@ class JobStore:
         them is gone). Returns how many."""
         stmt = update(Job).where(Job.status == "done", Job.result_message_id == POSTING).values(result_message_id=None)
         async with self.db.session() as s:
-            return int((await s.execute(stmt)).rowcount or 0)
+            return int(cast(CursorResult[Any], await s.execute(stmt)).rowcount or 0)
 
     async def set_status_messages(self, message_ids: Mapping[str, int]) -> None:
         """Remember the queue-card message of many jobs in one transaction (a burst's cards)."""
@@ -550,7 +446,7 @@ class JobStore:
         self, guild_id: int | None, user_id: int, statuses: Iterable[str] = ACTIVE_STATUSES
     ) -> list[JobRecord]:
         """A user's jobs in a guild (None = DMs) with the given statuses, oldest first."""
-        stmt = select(Job).where(Job.owner_id == user_id, Job.status.in_(_statuses(statuses)))
+        stmt = select(Job).where(Job.owner_id == user_id, Job.status.in_(check_statuses(statuses)))
         stmt = stmt.where(Job.guild_id.is_(None) if guild_id is None else Job.guild_id == guild_id)
         async with self.db.session(write=False) as s:
             rows = (await s.execute(stmt.order_by(Job.created_at, Job.id))).scalars().all()
@@ -558,43 +454,11 @@ class JobStore:
 
     async def list_by_status(self, statuses: Iterable[str]) -> list[JobRecord]:
         """All jobs with the given statuses, oldest first."""
-        stmt = select(Job).where(Job.status.in_(_statuses(statuses))).order_by(Job.created_at, Job.id)
+        stmt = select(Job).where(Job.status.in_(check_statuses(statuses))).order_by(Job.created_at, Job.id)
         async with self.db.session(write=False) as s:
             return [JobRecord.from_row(j) for j in (await s.execute(stmt)).scalars().all()]
 
     async def count_by_status(self, statuses: Iterable[str] = ACTIVE_STATUSES) -> int:
         async with self.db.session(write=False) as s:
-            n = await s.scalar(select(func.count()).select_from(Job).where(Job.status.in_(_statuses(statuses))))
+            n = await s.scalar(select(func.count()).select_from(Job).where(Job.status.in_(check_statuses(statuses))))
             return int(n or 0)
-
-    async def stats_since(self, ts: datetime) -> JobStats:
-        """Counts by status, distinct users, mean wait and total run time of jobs created since ts."""
-        stmt = select(Job.status, Job.owner_id, Job.created_at, Job.started_at, Job.seconds).where(Job.created_at >= ts)
-        async with self.db.session(write=False) as s:
-            rows = (await s.execute(stmt)).all()
-        by_status = Counter(r.status for r in rows)
-        waits = [(r.started_at - r.created_at).total_seconds() for r in rows if r.started_at is not None]
-        return JobStats(
-            since=ts,
-            total=len(rows),
-            by_status={st: by_status.get(st, 0) for st in JOB_STATUSES},
-            users=len({r.owner_id for r in rows}),
-            mean_wait_seconds=sum(waits) / len(waits) if waits else None,
-            run_seconds=float(sum(r.seconds or 0.0 for r in rows if r.status == "done")),
-        )
-
-
-# What an erased job keeps of its parameters: how big it was, nothing of what it showed.
-KEPT_WHEN_ERASED = ("kind", "width", "height", "steps", "count", "strength", "model", "sampler")
-
-
-def erased_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: params[key] for key in KEPT_WHEN_ERASED if key in params} | {"erased": True}
-
-
-def _statuses(statuses: Iterable[str]) -> list[str]:
-    wanted = [statuses] if isinstance(statuses, str) else list(statuses)
-    unknown = set(wanted) - set(JOB_STATUSES)
-    if unknown:
-        raise ValueError(f"unknown job status(es): {sorted(unknown)}")
-    return wanted

@@ -38,7 +38,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 DM_GUILD_ID = 0
 """Guild id used in quota/user tables for direct messages (jobs keep NULL)."""
 
-JOB_KINDS = ("text2img", "refine", "variations", "upscale")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 LEDGER_KINDS = ("reserve", "commit", "refund", "grant", "reset")
 

@@ -17,13 +17,12 @@ process always sees its own writes at once. When several processes share the dat
 from __future__ import annotations
 
 import contextlib
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+from cachetools import Cache, LRUCache, TTLCache
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,6 +35,7 @@ __all__ = ["EVERYWHERE", "BanRecord", "GuildSettingsRecord", "ModerationStore"]
 EVERYWHERE = 0
 """The guild id of the operator's bans, blocklist and pause, which apply in every server and DM."""
 CACHE_ENTRIES = 50_000  # guilds' settings/bans/patterns and members' default models, LRU
+_MISSING = object()
 T = TypeVar("T")
 
 
@@ -69,28 +69,23 @@ class GuildSettingsRecord:
 
 
 class _ReadCache:
-    """Bounded LRU of read results, with an optional time to live, that never stores a value
-    read while a write was under way (``version`` moves on every write)."""
+    """Bounded LRU of read results (with a time to live when other processes write too), that
+    never stores a value read while a write was under way (``version`` moves on every write)."""
 
     def __init__(self, ttl: float | None, max_entries: int = CACHE_ENTRIES) -> None:
-        self.ttl = ttl
-        self.max_entries = max_entries
         self.version = 0
-        self._entries: OrderedDict[tuple[str, int], tuple[float, Any]] = OrderedDict()
+        self._entries: Cache[tuple[str, int], Any] = (
+            LRUCache(maxsize=max_entries) if ttl is None else TTLCache(maxsize=max_entries, ttl=ttl)
+        )
 
     async def get(self, key: tuple[str, int], read: Callable[[], Awaitable[T]]) -> T:
-        now = time.monotonic()
-        hit = self._entries.get(key)
-        if hit is not None and (self.ttl is None or now - hit[0] < self.ttl):
-            self._entries.move_to_end(key)
-            return hit[1]  # type: ignore[no-any-return]
+        hit = self._entries.get(key, _MISSING)
+        if hit is not _MISSING:
+            return cast(T, hit)
         version = self.version
         value = await read()
         if version == self.version:
-            self._entries[key] = (now, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._entries[key] = value
         return value
 
     def changed(self, key: tuple[str, int]) -> None:

@@ -62,7 +62,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Literal, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -255,7 +255,8 @@ class QuotaStore:
             elif row is None:
                 s.add(model(**key, limit_units=limit, set_by=actor_id, updated_at=self.clock()))
             else:
-                row.limit_units, row.set_by, row.updated_at = limit, actor_id, self.clock()
+                limits = cast(QuotaUserOverride | QuotaRoleLimit, row)
+                limits.limit_units, limits.set_by, limits.updated_at = limit, actor_id, self.clock()
 
     async def set_default_limit(self, guild_id: int, limit: float | None) -> None:
         """The guild's default limit; None falls back to the configured default."""

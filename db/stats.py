@@ -59,7 +59,7 @@ def _seconds_between_sqlite(element: _SecondsBetween, compiler: SQLCompiler, **k
 
 
 def seconds_between(end: Any, start: Any) -> ColumnElement[float]:
-    return _SecondsBetween(end, start)  # type: ignore[return-value]
+    return _SecondsBetween(end, start)
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,13 @@ def _first_time(module: torch.nn.Module | None, step: str) -> bool:
     return True
 
 
-def _set_sdpa(module: torch.nn.Module) -> None:
+def _set_sdpa(module: Any) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     module.set_attn_processor(AttnProcessor2_0())
 
 
-def compile_unet(unet: torch.nn.Module) -> str:
+def compile_unet(unet: Any) -> str:
     """Regional compilation (each repeated transformer block once, reused: seconds instead of
     minutes) when the model supports it, else the whole UNet compiled in place."""
     if getattr(unet, "_repeated_blocks", None) and hasattr(unet, "compile_repeated_blocks"):
@@ -149,8 +149,8 @@ def apply_optimizations(
     """
     device = torch.device(device)
     report = AccelReport(device=str(device), dtype=dtype)
-    unet = getattr(pipe, "unet", None)
-    vae = getattr(pipe, "vae", None)
+    unet: Any = getattr(pipe, "unet", None)
+    vae: Any = getattr(pipe, "vae", None)
 
     for name, module in (("unet", unet), ("vae", vae)):
         if _first_time(module, "sdpa"):

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from engine.api import JobCancelled
+from engine.jobs.events import Phase, Progress
 from engine.preview import preview_jpeg
-from engine.spec import JobCancelled, Phase, Progress
 
 # The tensors a CFG cutoff has to shrink from [negative; positive] to [positive].
 CFG_TENSORS = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
@@ -56,7 +57,7 @@ class X0Tap:
             self.latest = x0
             return out if return_dict else (out.prev_sample,)
 
-        scheduler.step = tapped_step  # type: ignore[method-assign]
+        scheduler.step = tapped_step
 
 
 class JobSteps:

@@ -1,4 +1,4 @@
-"""The bot-side handle on the local engine process (implements engine.spec.EngineClient).
+"""The bot-side handle on the local engine process (implements engine.api.EngineClient).
 
     client = LocalEngineClient(settings)
     await client.start()                    # spawn the worker, wait for Ready (engine.start_timeout)
@@ -49,7 +49,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Literal
 
+from tenacity import RetryCallState, wait_exponential
+
 from config.settings import Settings
+from engine.api import EngineError, EngineHealth, JobCancelled, Result
+from engine.jobs import Job
+from engine.jobs.events import Progress
 from engine.protocol import (
     DEFAULT_RUNNER_FACTORY,
     Cancel,
@@ -64,7 +69,6 @@ from engine.protocol import (
     Submit,
     WorkerConfig,
 )
-from engine.spec import EngineError, EngineHealth, Job, JobCancelled, Progress, Result
 from engine.stream import JobStream
 from engine.worker import worker_main
 
@@ -73,7 +77,19 @@ log = logging.getLogger("atelier.engine.client")
 # Seconds between close()'s escalation steps after the graceful wait: SIGTERM, then SIGKILL.
 TERMINATE_WAIT = 3.0
 # Restart delays after consecutive failed restarts (seconds).
-RESTART_BACKOFF = (0.0, 1.0, 5.0, 15.0, 30.0, 60.0)
+# A start that failed is tried again after 1, 2, 4 … 60 s (the first restart after a crash at
+# once), as tenacity's exponential wait says: the same retry policy as the bot's store writes.
+RESTART_WAIT = wait_exponential(multiplier=1, max=60)
+
+
+def restart_delay(failed_starts: int) -> float:
+    """Seconds before the next start after `failed_starts` failed starts in a row."""
+    if failed_starts <= 0:
+        return 0.0
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = failed_starts
+    return float(RESTART_WAIT(state))
+
 
 _EXITED = object()
 _LIVE_CLIENTS: weakref.WeakSet[LocalEngineClient] = weakref.WeakSet()
@@ -280,7 +296,7 @@ class LocalEngineClient:
     def _schedule_retry(self) -> None:
         if self._closed or self._loop is None:
             return
-        delay = RESTART_BACKOFF[min(self._failed_restarts, len(RESTART_BACKOFF) - 1)]
+        delay = restart_delay(self._failed_restarts)
         self._failed_restarts += 1
         if self._retry_handle is not None:
             self._retry_handle.cancel()
@@ -417,7 +433,8 @@ class LocalEngineClient:
                 state.queue.put_nowait(message)
             return
         if isinstance(message, Done):
-            self.stats.append(message.stats)
+            if message.stats is not None:
+                self.stats.append(message.stats)
             state = self._jobs.get(message.result.job_id)
             if state is not None:
                 if state.cancel_requested:

@@ -1,17 +1,8 @@
-"""Running jobs on SDXL pipelines: text2img (base → refiner), refine, variations, upscale.
+"""Running jobs on SDXL pipelines: what every kind's call (engine/kinds/) shares.
 
-`Runner.run(job, on_progress=..., cancelled=...)` returns the images as `Generated(image, seed)`.
-Each job kind is one method, read top to bottom like a diffusers example:
-
-- text2img: the base denoises the first `engine.high_noise_frac` of the schedule and hands its
-  latents to the refiner for the rest ("ensemble of experts"); base alone when the job says
-  `refiner=False` or the model has none. All `count` images run as ONE batched call with one
-  torch.Generator per image seeded `image_seeds(seed, count)`, so image i is the same image as
-  the job with seed+i and count 1.
-- refine: refiner img2img at `job.strength` (base img2img when the model has no refiner).
-- variations: base img2img, `count` seeds, batched.
-- upscale: Lanczos (or a spandrel model) to the output size, then low-strength base img2img;
-  above `engine.vae_tiling_above` px in overlapping feathered tiles (engine.upscale).
+`Runner.run(job, on_progress=..., cancelled=...)` returns the images as `Generated(image, seed)`;
+it loads the job's model and hands the job to its kind's call (the registry, engine.jobs, names
+it), which reads top to bottom like a diffusers example.
 
 Things that hold for every call:
 
@@ -38,6 +29,8 @@ Same job, same settings, same machine → the same image bytes.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import io
 import json
 import logging
@@ -47,29 +40,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
+from cachetools import LRUCache, cached
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from config.settings import EngineSettings, GenerationSettings
 from engine import accel
+from engine.api import JobCancelled
 from engine.callbacks import JobSteps, X0Tap
-from engine.cost import img2img_steps
-from engine.prompts import Conditioning, encode_prompt
+from engine.jobs import Job, Text2Img, img2img_steps, kind_of
+from engine.jobs.events import Phase, Progress
+from engine.prompts import encode_prompt
 from engine.samplers import make_scheduler
-from engine.spec import Job, JobCancelled, Phase, Progress, Refine, Text2Img, Upscale, Variations, image_seeds
 from engine.upscale import (
     ALIGN,
-    Tile,
     Upscaler,
-    blend_images,
-    default_overlap,
     load_upscaler,
-    tile_grid,
-    tile_side_for,
-    upscaled_size,
 )
 
 log = logging.getLogger(__name__)
@@ -138,16 +126,16 @@ def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
-_SCHEDULER_TEMPLATES = 64  # (sampler, model config) pairs remembered; a handful in practice
-_templates: dict[tuple[str, str], SchedulerMixin] = {}
-_plans: dict[tuple[Any, ...], int] = {}
-_cache_lock = threading.Lock()
-
-
 def _config_key(config: Mapping[str, Any]) -> str:
     """A scheduler config's content as a hashable key (configs are dicts; the same model loaded
     twice has two equal ones)."""
     return json.dumps(dict(config), sort_keys=True, default=repr)
+
+
+@cached(LRUCache(maxsize=64), key=lambda sampler, config: (sampler, _config_key(config)), lock=threading.Lock())
+def _pristine_scheduler(sampler: str, config: Mapping[str, Any]) -> SchedulerMixin:
+    """One scheduler per (sampler, model config), never used itself: new_scheduler copies it."""
+    return make_scheduler(sampler, config)
 
 
 def new_scheduler(pipe: Any, sampler: str) -> SchedulerMixin:
@@ -155,16 +143,7 @@ def new_scheduler(pipe: Any, sampler: str) -> SchedulerMixin:
     one built once by engine.samplers.make_scheduler. `from_config` validates and derives the
     whole noise schedule on every call (~1.5 ms on this CPU, four times per text2img job); the
     copy is a third of that and gives the same object state."""
-    key = (sampler, _config_key(pipe.scheduler.config))
-    with _cache_lock:
-        template = _templates.get(key)
-    if template is None:
-        template = make_scheduler(sampler, pipe.scheduler.config)
-        with _cache_lock:
-            if len(_templates) >= _SCHEDULER_TEMPLATES:
-                _templates.clear()
-            template = _templates.setdefault(key, template)
-    return copy.deepcopy(template)
+    return copy.deepcopy(_pristine_scheduler(sampler, pipe.scheduler.config))
 
 
 def fresh_pipeline(pipe: Any, sampler: str, *, images: int = 1, exact: bool = True) -> tuple[Any, X0Tap]:
@@ -199,7 +178,7 @@ def _has_offload_hook(module: Any) -> bool:
 _pinned_classes: dict[type, type] = {}
 
 
-def _pinned_class(cls: type) -> type:
+def _pinned_class(cls: Any) -> type:
     """`cls` with `_execution_device` read from the instance (`_pinned_device`).
 
     diffusers computes `_execution_device` on every call by walking every submodule of every
@@ -228,16 +207,29 @@ def planned_steps(
     diffusers' pipelines cut the schedule: `denoising_end` keeps timesteps ≥ the cutoff,
     `denoising_start` those below it, `strength` the last int(steps·strength). Remembered per
     (config, sampler, arguments): every job plans with the same few combinations."""
-    key = (_config_key(pipe.scheduler.config), sampler, steps, denoising_end, denoising_start, strength)
-    with _cache_lock:
-        planned = _plans.get(key)
-    if planned is None:
-        planned = _plan(new_scheduler(pipe, sampler), steps, denoising_end, denoising_start, strength)
-        with _cache_lock:
-            if len(_plans) >= 4096:
-                _plans.clear()
-            _plans[key] = planned
-    return planned
+    return _planned(
+        _config_key(pipe.scheduler.config),
+        pipe.scheduler.config,
+        sampler,
+        steps,
+        denoising_end,
+        denoising_start,
+        strength,
+    )
+
+
+@cached(LRUCache(maxsize=4096), key=lambda config_key, config, *args: (config_key, *args), lock=threading.Lock())
+def _planned(
+    config_key: str,
+    config: Mapping[str, Any],
+    sampler: str,
+    steps: int,
+    denoising_end: float | None,
+    denoising_start: float | None,
+    strength: float | None,
+) -> int:
+    scheduler = copy.deepcopy(_pristine_scheduler(sampler, config))
+    return _plan(scheduler, steps, denoising_end, denoising_start, strength)
 
 
 def _plan(
@@ -351,7 +343,17 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     return images
 
 
-# --- the runner --------------------------------------------------------------------------------
+# --- the runner ---------------------------------------------------------------------------------
+
+KindCall = Callable[["Runner", Any, Any, Callable[[int], JobSteps]], list[Generated]]
+
+
+@functools.cache
+def kind_call(kind: str) -> KindCall:
+    """The engine's call for a kind (engine/kinds/<kind>.py), as the registry names it."""
+    module, _, name = kind_of(kind).run.partition(":")
+    call: KindCall = getattr(importlib.import_module(module), name)
+    return call
 
 
 class Runner:
@@ -417,106 +419,9 @@ class Runner:
             )
 
         with torch.inference_mode():
-            if isinstance(job, Text2Img):
-                return self._text2img(model, job, track)
-            if isinstance(job, Refine):
-                return self._refine(model, job, track)
-            if isinstance(job, Variations):
-                return self._variations(model, job, track)
-            if isinstance(job, Upscale):
-                return self._upscale(model, job, track)
-        raise TypeError(f"unknown job type {type(job).__name__}")
+            return kind_call(job.kind)(self, model, job, track)
 
-    # -- text2img -------------------------------------------------------------------------------
-
-    def _text2img(self, model: Any, job: Text2Img, track: Callable[[int], JobSteps]) -> list[Generated]:
-        frac = self.engine.high_noise_frac
-        seeds = image_seeds(job.seed, job.count)
-        micro = micro_conditioning(job.width, job.height)
-
-        # Plan: which experts run, and how many steps each.
-        use_refiner = model.refiner is not None and job.refiner is not False
-        base_steps = planned_steps(model.base, job.sampler, job.steps, denoising_end=frac if use_refiner else None)
-        refiner_steps = planned_steps(model.refiner, job.sampler, job.steps, denoising_start=frac) if use_refiner else 0
-        if use_refiner and (base_steps == 0 or refiner_steps == 0):
-            # So few steps that one expert would get none: run the base alone.
-            use_refiner = False
-            base_steps = planned_steps(model.base, job.sampler, job.steps)
-            refiner_steps = 0
-        steps = track(base_steps + refiner_steps)
-        cfg_off = self._cfg_cutoff_step(steps.total, job.cfg)
-
-        # 1. Base: all of the schedule, or its high-noise part.
-        base, tap = fresh_pipeline(model.base, job.sampler, images=job.count, exact=self.exact_batches)
-        cond = encode_prompt(model.base, job.prompt, job.negative, guidance=job.cfg > 1)
-        callback = steps.callback("base", planned=base_steps, tap=tap, cfg_off_after=cfg_off)
-        noise = generators(seeds)
-        latents = base(
-            **cond.pipeline_kwargs(),
-            num_images_per_prompt=job.count,
-            width=job.width,
-            height=job.height,
-            num_inference_steps=job.steps,
-            denoising_end=frac if use_refiner else None,
-            guidance_scale=job.cfg,
-            generator=noise,
-            output_type="latent",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
-            **micro,
-        ).images
-
-        # 2. Refiner: the low-noise rest of the schedule, on the base's latents.
-        if use_refiner:
-            steps.check_cancelled()
-            refiner, tap = fresh_pipeline(model.refiner, job.sampler, images=job.count, exact=self.exact_batches)
-            guidance = job.cfg if cfg_off is None or cfg_off > base_steps else 1.0  # cut off already?
-            cond = encode_prompt(model.refiner, job.prompt, job.negative, guidance=guidance > 1)
-            callback = steps.callback(
-                "refiner",
-                planned=refiner_steps,
-                tap=tap,
-                cfg_off_after=cfg_off - base_steps if guidance > 1 and cfg_off is not None else None,
-            )
-            latents = refiner(
-                **cond.pipeline_kwargs(),
-                image=latents,
-                num_images_per_prompt=job.count,
-                num_inference_steps=job.steps,
-                denoising_start=frac,
-                guidance_scale=guidance,
-                aesthetic_score=self.generation.aesthetic_score,
-                negative_aesthetic_score=self.generation.negative_aesthetic_score,
-                generator=noise,
-                output_type="latent",
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=callback.tensor_inputs,
-                **micro,
-            ).images
-
-        # 3. Decode.
-        steps.check_cancelled()
-        images = decode_latents(model.base, latents)
-        return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
-
-    # -- refine ---------------------------------------------------------------------------------
-
-    def _refine(self, model: Any, job: Refine, track: Callable[[int], JobSteps]) -> list[Generated]:
-        image = open_image(job.image)
-        expert = model.refiner if model.refiner is not None else model.img2img
-        phase: Phase = "refiner" if model.refiner is not None else "base"
-        images = self._img2img(expert, job, image, [job.seed], phase=phase, strength=job.strength, track=track)
-        return [Generated(images[0], job.seed)]
-
-    # -- variations -----------------------------------------------------------------------------
-
-    def _variations(self, model: Any, job: Variations, track: Callable[[int], JobSteps]) -> list[Generated]:
-        image = open_image(job.image)
-        seeds = image_seeds(job.seed, job.count)
-        images = self._img2img(model.img2img, job, image, seeds, phase="base", strength=job.strength, track=track)
-        return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
-
-    def _img2img(
+    def img2img(
         self,
         source: Any,
         job: Job,
@@ -531,7 +436,7 @@ class Runner:
         call_steps = img2img_call_steps(job.steps, strength)
         planned = planned_steps(source, job.sampler, call_steps, strength=strength)
         steps = track(planned)
-        cfg_off = self._cfg_cutoff_step(planned, job.cfg)
+        cfg_off = self.cfg_cutoff_step(planned, job.cfg)
 
         pipe, tap = fresh_pipeline(source, job.sampler, images=len(seeds), exact=self.exact_batches)
         cond = encode_prompt(source, job.prompt, job.negative, guidance=job.cfg > 1)
@@ -555,78 +460,9 @@ class Runner:
         steps.check_cancelled()
         return decode_latents(source, latents)
 
-    # -- upscale --------------------------------------------------------------------------------
-
-    def _upscale(self, model: Any, job: Upscale, track: Callable[[int], JobSteps]) -> list[Generated]:
-        # 1. Enlarge the pixels: Lanczos, or the configured super-resolution model.
-        image = open_image(job.image)
-        width, height = upscaled_size(
-            image.width,
-            image.height,
-            job.factor,
-            max(self.generation.upscale_max_side, image.width, image.height),
-        )
-        enlarged = self.upscaler(image, (width, height))
-
-        # 2. Plan: one img2img pass over the whole image, or over overlapping tiles when large.
-        tiled = max(width, height) > self.engine.vae_tiling_above
-        if tiled:
-            side = tile_side_for(self.engine.vae_tiling_above)
-            tiles = tile_grid(width, height, side, default_overlap(side))
-        else:
-            tiles = [Tile((0, 0, width, height), np.ones((height, width)))]
-        source = model.img2img
-        call_steps = img2img_call_steps(job.steps, job.strength)
-        per_tile = planned_steps(source, job.sampler, call_steps, strength=job.strength)
-        steps = track(per_tile * len(tiles))
-        log.debug("upscale %s: %dx%d → %dx%d in %d tile(s)", job.job_id, *image.size, width, height, len(tiles))
-
-        # 3. Low-strength img2img adds the detail Lanczos cannot; each tile has its own seed.
-        cond = encode_prompt(source, job.prompt, job.negative, guidance=job.cfg > 1)
-        done: list[tuple[Tile, Image.Image]] = []
-        with vae_tiling(source.vae, tiled):
-            for tile, seed in zip(tiles, image_seeds(job.seed, len(tiles)), strict=True):
-                steps.check_cancelled()
-                crop = enlarged.crop(tile.box)
-                done.append((tile, self._detail_pass(source, job, crop, seed, cond, call_steps, per_tile, steps)))
-
-        # 4. Feather the tiles together.
-        result = blend_images(done, width, height) if tiled else done[0][1]
-        return [Generated(result, job.seed)]
-
-    def _detail_pass(
-        self,
-        source: Any,
-        job: Upscale,
-        image: Image.Image,
-        seed: int,
-        cond: Conditioning,
-        call_steps: int,
-        planned: int,
-        steps: JobSteps,
-    ) -> Image.Image:
-        pipe, tap = fresh_pipeline(source, job.sampler)
-        callback = steps.callback(
-            "upscale", planned=planned, tap=tap, cfg_off_after=self._cfg_cutoff_step(planned, job.cfg)
-        )
-        latents = pipe(
-            **cond.pipeline_kwargs(),
-            image=encode_image(source, image),
-            strength=job.strength,
-            num_inference_steps=call_steps,
-            guidance_scale=job.cfg,
-            generator=generators([seed]),
-            output_type="latent",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
-            **micro_conditioning(image.width, image.height),
-        ).images
-        steps.check_cancelled()
-        return decode_latents(source, latents)[0]
-
     # -- shared ---------------------------------------------------------------------------------
 
-    def _cfg_cutoff_step(self, total: int, cfg: float) -> int | None:
+    def cfg_cutoff_step(self, total: int, cfg: float) -> int | None:
         """After how many steps classifier-free guidance stops (`engine.cfg_cutoff` of the job's
         steps; None: never)."""
         fraction = self.engine.cfg_cutoff

@@ -25,17 +25,9 @@ from xml.sax.saxutils import escape
 
 from PIL import Image, PngImagePlugin
 
-from engine.spec import ImageFormat, ImageOut
+from engine.api import ImageFormat, ImageOut
+from engine.options import SAMPLER_LABELS
 
-# Our sampler ids ↔ the names A1111 shows.
-SAMPLER_LABELS: dict[str, str] = {
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "euler_a": "Euler a",
-    "euler": "Euler",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-    "dpmpp_sde_karras": "DPM++ SDE Karras",
-}
 _SAMPLER_IDS = {label: key for key, label in SAMPLER_LABELS.items()}
 
 # params key → (A1111 label, type). width/height travel together as "Size: WxH".

@@ -20,7 +20,7 @@ Speed (the result is bit-identical to `compel.CompelForSDXL`, tests/engine/test_
   character the parser gives a meaning to (`plain_text`) is handed straight to compel's
   embeddings provider as the one weight-1.0 fragment the parser would have produced.
 - Each text is encoded once per (tokenizer, text encoder) and kept in a small LRU
-  (`PROMPT_CACHE_SIZE` texts per encoder): rerolls, variations and a recurring negative skip
+  (`PROMPT_CACHE_SIZE` texts per encoder): rerolls, jobs made from a result and a recurring negative skip
   the encoders, and the refiner, which shares the base's second encoder, reuses its results.
 """
 
@@ -31,11 +31,11 @@ import itertools
 import re
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 from compel import Compel, CompelForSDXL, ReturnedEmbeddingsType
 
 # Texts remembered per text encoder. An SDXL entry is 77×1280 values per 77-token chunk for the
@@ -117,7 +117,7 @@ class _EncoderCache:
 
     def __init__(self) -> None:
         self.placement: tuple[torch.device, torch.dtype] | None = None
-        self.entries: OrderedDict[Any, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.entries: LRUCache[Any, tuple[torch.Tensor, torch.Tensor | None]] = LRUCache(maxsize=PROMPT_CACHE_SIZE)
 
 
 _caches: weakref.WeakKeyDictionary[torch.nn.Module, _EncoderCache] = weakref.WeakKeyDictionary()
@@ -146,7 +146,6 @@ def _encode_text(compel: Compel, text: str) -> tuple[torch.Tensor, torch.Tensor 
             cache.placement = placement
         hit = cache.entries.get(key)
         if hit is not None:
-            cache.entries.move_to_end(key)
             return hit
 
     plain = plain_text(text)
@@ -164,9 +163,6 @@ def _encode_text(compel: Compel, text: str) -> tuple[torch.Tensor, torch.Tensor 
 
     with _lock:
         cache.entries[key] = (embeds, pooled)
-        cache.entries.move_to_end(key)
-        while len(cache.entries) > PROMPT_CACHE_SIZE:
-            cache.entries.popitem(last=False)
     return embeds, pooled
 
 

@@ -1,7 +1,7 @@
 """Messages between the bot process (engine.client) and the engine child process (engine.worker).
 
 Every message is a small frozen dataclass pickled over one duplex `multiprocessing.Pipe`; job
-specs, `Progress` and `Result` come from engine.spec unchanged.
+specs, `Progress` and `Result` come from engine.jobs and engine.api unchanged.
 
 Parent → child::
 
@@ -15,10 +15,10 @@ Child → parent::
     Ready(...)           sent once, after the registry and Runner are loaded (or Fatal instead)
     Fatal(message)       start-up failed (model missing, bad config…); the child then exits 1
     Started(job_id)      the job left the queue and is running: from now on a crash fails it
-    Progress             engine.spec.Progress, as the Runner reports it
+    Progress             engine.jobs.events.Progress, as the Runner reports it
     Computed(job_id)     the pipeline work is over; the images are being encoded (in a thread,
                          while the next job may already run): the job no longer holds the slot
-    Done(result, stats)  the job finished: engine.spec.Result plus worker-side timings
+    Done(result, stats)  the job finished: engine.api.Result plus worker-side timings
     Failed(...)          the job did not finish: cancelled, bad input (retryable=False), or an
                          engine-side error (retryable=True)
 
@@ -31,7 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from config.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
-from engine.spec import Job, Progress, Result
+from engine.jobs import Job
+from engine.jobs.events import Done, Failed, JobStats, Progress, Started
 
 # "module:function" building the Runner in the child; tests may name a stand-in.
 DEFAULT_RUNNER_FACTORY = "engine.worker:build_runner"
@@ -97,43 +98,8 @@ class Fatal:
 
 
 @dataclass(frozen=True)
-class Started:
-    job_id: str
-
-
-@dataclass(frozen=True)
 class Computed:
     job_id: str
-
-
-@dataclass(frozen=True)
-class JobStats:
-    """Worker-side timings of one job (perf_counter seconds in the child)."""
-
-    job_id: str
-    # Received → started (time spent queued in the worker).
-    wait_seconds: float
-    # Previous job's compute end → this job's start; None for the first job of a process.
-    idle_seconds: float | None
-    # True when this job was already waiting when the previous compute ended: then
-    # `idle_seconds` is pure engine overhead between back-to-back jobs.
-    back_to_back: bool
-    compute_seconds: float
-    encode_seconds: float
-
-
-@dataclass(frozen=True)
-class Done:
-    result: Result
-    stats: JobStats
-
-
-@dataclass(frozen=True)
-class Failed:
-    job_id: str
-    message: str
-    retryable: bool
-    cancelled: bool = False
 
 
 ToWorker = Submit | Cancel | Shutdown

@@ -1,4 +1,4 @@
-"""The bot-side handle on the Ray Serve engine (implements engine.spec.EngineClient).
+"""The bot-side handle on the Ray Serve engine (implements engine.api.EngineClient).
 
     client = RayEngineClient(settings)      # [engine] backend = "ray"
     await client.start()                    # join Ray, deploy the app if absent, wait for replicas
@@ -48,8 +48,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from config.settings import Settings, is_loopback_host
+from engine.api import EngineError, EngineHealth, JobCancelled, Result
+from engine.jobs import Job
+from engine.jobs.events import Progress
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats
-from engine.spec import EngineError, EngineHealth, Job, JobCancelled, Progress, Result
 from engine.stream import JobStream
 
 log = logging.getLogger("atelier.engine.ray_client")
@@ -99,6 +101,8 @@ def remote_without_auth(address: str, environ: Mapping[str, str], home: Path | N
 
 class RayEngineClient:
     """Jobs to a Ray Serve deployment of engine replicas (see the module docstring)."""
+
+    prefetch = 0  # a replica takes one job at a time: nothing waits in it ahead
 
     def __init__(
         self,
@@ -433,7 +437,8 @@ class RayEngineClient:
                 # Tells the scheduler the compute is over (it frees the slot), as the local engine does.
                 call.queue.put_nowait(Progress(job_id, total, total, "encode"))
         elif isinstance(message, Done):
-            self.stats.append(message.stats)
+            if message.stats is not None:
+                self.stats.append(message.stats)
             if call.cancel_requested:
                 self._finish(call, JobCancelled(f"Job {job_id} was cancelled."))
             else:

@@ -32,8 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from config.settings import EngineSettings, Settings
+from engine.api import JobCancelled
+from engine.jobs import Job
+from engine.jobs.events import Progress
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats, WorkerConfig
-from engine.spec import Job, JobCancelled, Progress
 from engine.worker import (
     _version,
     check_job,
@@ -141,7 +143,7 @@ class AtelierReplica:
             compute_seconds=compute,
             encode_seconds=time.perf_counter() - encode_started,
         )
-        send(Done(result, stats))
+        send(Done(result, stats=stats))
 
 
 def build_app(config: WorkerConfig, engine: EngineSettings | None = None) -> Any:

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from engine.spec import SAMPLERS
+from engine.options import SAMPLERS
 
 _NO_SIGMA_SCHEDULE = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 
@@ -54,7 +54,7 @@ _SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     ),
 }
 
-assert tuple(_SAMPLERS) == SAMPLERS, "engine.samplers and engine.spec.SAMPLERS disagree"
+assert tuple(_SAMPLERS) == SAMPLERS, "engine.samplers and engine.options.SAMPLERS disagree"
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:

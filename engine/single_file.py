@@ -225,8 +225,8 @@ def openclip_g_to_original(state: Mapping[str, torch.Tensor], prefix: str = OPEN
 
 def sdxl_to_original(
     *,
-    unet: torch.nn.Module,
-    vae: torch.nn.Module,
+    unet: Any,  # diffusers models: their `config` is a FrozenDict torch does not know of
+    vae: Any,
     text_encoder_2: torch.nn.Module,
     text_encoder: torch.nn.Module | None = None,
 ) -> StateDict:

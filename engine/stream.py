@@ -11,7 +11,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from engine.spec import Job, Progress, Result
+from engine.api import Result
+from engine.jobs import Job
+from engine.jobs.events import Progress
 
 
 class StreamedJob(Protocol):

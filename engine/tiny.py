@@ -91,9 +91,9 @@ def _train_merges(text: str, num_merges: int) -> list[tuple[str, str]]:
     words = Counter(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()))
     split: dict[tuple[str, ...], int] = {}
     for word, count in words.items():
-        symbols = [byte_map[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        split[tuple(symbols)] = split.get(tuple(symbols), 0) + count
+        letters = [byte_map[b] for b in word.encode("utf-8")]
+        letters[-1] += "</w>"
+        split[tuple(letters)] = split.get(tuple(letters), 0) + count
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -153,7 +153,7 @@ def write_tokenizer(folder: Path, vocab: dict[str, int], merges: list[tuple[str,
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
-def _text_config(vocab_size: int, width: int, act: str, *, eos_id: int, bos_id: int, pad_id: int):
+def _text_config(vocab_size: int, width: int, act: str, *, eos_id: int, bos_id: int, pad_id: int) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -171,7 +171,7 @@ def _text_config(vocab_size: int, width: int, act: str, *, eos_id: int, bos_id: 
     )
 
 
-def _unet(cross_attention_dim: int, n_time_ids: int):
+def _unet(cross_attention_dim: int, n_time_ids: int) -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -194,7 +194,7 @@ def _unet(cross_attention_dim: int, n_time_ids: int):
     )
 
 
-def _vae():
+def _vae() -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -212,7 +212,7 @@ def _vae():
     )
 
 
-def _scheduler():
+def _scheduler() -> Any:
     from diffusers import EulerDiscreteScheduler
 
     # SDXL's shipped scheduler config.

@@ -16,18 +16,14 @@ import io
 import math
 import warnings
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image, ImageFile, ImageOps
 
+from config.settings import parse_size
 from engine.blocklist import normalize_text
-from engine.spec import SAMPLERS, JobBase, Refine, Text2Img, Upscale, Variations
+from engine.options import CFG, COUNT, MAX_SEED, SAMPLERS, STEPS, STRENGTH, Range
 
-MAX_SEED = 2**32 - 1
-STEPS_RANGE = (1, 60)
-CFG_RANGE = (1.0, 20.0)
-COUNT_RANGE = (1, 4)
-STRENGTH_RANGE = (0.05, 1.0)
 SIZE_MULTIPLE = 64
 MAX_SIDE = 4096
 MIN_IMAGE_BYTES_LIMIT = 1024
@@ -106,9 +102,9 @@ def _float(value: Any, field: str) -> float:
     return value
 
 
-def _in_range(field: str, value: float, bounds: tuple[float, float]) -> None:
+def _in_range(field: str, value: float, bounds: Range[Any]) -> None:
     """Refuse `value` outside `bounds` (inclusive); floats are shown with :g, ints as they are."""
-    low, high = bounds
+    low, high = bounds.low, bounds.high
     if not low <= value <= high:
         shown = (lambda x: f"{x:g}") if isinstance(value, float) else str
         raise ValidationFailed(
@@ -118,13 +114,13 @@ def _in_range(field: str, value: float, bounds: tuple[float, float]) -> None:
 
 def check_steps(steps: Any) -> int:
     steps = _int(steps, "steps")
-    _in_range("steps", steps, STEPS_RANGE)
+    _in_range("steps", steps, STEPS)
     return steps
 
 
 def check_cfg(cfg: Any) -> float:
     cfg = _float(cfg, "cfg")
-    _in_range("cfg", cfg, CFG_RANGE)
+    _in_range("cfg", cfg, CFG)
     return cfg
 
 
@@ -143,13 +139,13 @@ def check_sampler(sampler: Any) -> str:
 
 def check_count(count: Any) -> int:
     count = _int(count, "count")
-    _in_range("count", count, COUNT_RANGE)
+    _in_range("count", count, COUNT)
     return count
 
 
 def check_strength(strength: Any) -> float:
     strength = _float(strength, "strength")
-    _in_range("strength", strength, STRENGTH_RANGE)
+    _in_range("strength", strength, STRENGTH)
     return strength
 
 
@@ -158,11 +154,7 @@ def check_aspect(name: Any, aspects: Mapping[str, str] | Mapping[str, tuple[int,
     if not isinstance(name, str) or name not in aspects:
         raise ValidationFailed("aspect", f"Unknown aspect {name!r}: choose one of {', '.join(aspects)}.")
     size = aspects[name]
-    if isinstance(size, str):
-        from config.settings import parse_size
-
-        return parse_size(size)
-    return size
+    return parse_size(size) if isinstance(size, str) else size
 
 
 def check_model(name: Any, models: Collection[str], *, default: str | None = None) -> str:
@@ -289,7 +281,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        low, high = image.getextrema()
+        low, high = cast(tuple[float, float], image.getextrema())
         span = (high - low) or 1
         image = image.point(lambda v: (v - low) * 255.0 / span, "F").convert("L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
@@ -385,7 +377,7 @@ def input_work_size(
     upscale_max_side: int = MAX_SIDE,
     target_pixels: int = SDXL_PIXELS,
 ) -> tuple[int, int]:
-    """The size an input image is worked at: ~1 MP for refine/variations; for an upscale (factor
+    """The size an input image is worked at: ~1 MP for an img2img job; for an upscale (factor
     given) the input's own size (never enlarged) capped so the output side ≤ `upscale_max_side`."""
     if upscale_factor:
         side = max(SIZE_MULTIPLE, upscale_max_side // upscale_factor)
@@ -403,7 +395,7 @@ def prepare_input_image(
     target_pixels: int = SDXL_PIXELS,
 ) -> tuple[bytes, tuple[int, int]]:
     """Decode an attachment, resize it to its working size (see `input_work_size`) and return it
-    as PNG bytes with that (width, height): what a Refine/Variations/Upscale job carries."""
+    as PNG bytes with that (width, height): what a job that starts from an image carries."""
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
     width, height = image.size
     if max(width, height) / min(width, height) > MAX_INPUT_ASPECT:
@@ -428,53 +420,12 @@ def prepare_input_image(
 # ------------------------------------------------------------------------------------- whole jobs
 
 
-def validate_job(
-    job: JobBase,
-    *,
-    models: Collection[str],
-    max_prompt_chars: int,
-    max_attachment_bytes: int,
-    max_attachment_pixels: int,
-    upscale_max_side: int = MAX_SIDE,
-) -> None:
-    """Check a job spec as built by the bot (the engine's second line of defence). Prompts must
-    already be clean: a prompt with control characters is refused here, not silently changed."""
-    if not isinstance(job, Text2Img | Refine | Variations | Upscale):
-        raise ValidationFailed("job", f"Unknown job type {type(job).__name__}.")
-    if not isinstance(job.job_id, str) or not job.job_id:
-        raise ValidationFailed("job_id", "The job has no id.")
-    for field, text, required in (
-        ("prompt", job.prompt, isinstance(job, Text2Img)),
-        ("negative", job.negative, False),
-    ):
-        cleaned = check_prompt(text, max_chars=max_prompt_chars, field=field, required=required)
-        if cleaned != text:
-            raise ValidationFailed(field, f"The {field} contains control characters or surrounding spaces.")
-    check_steps(job.steps)
-    check_cfg(job.cfg)
-    check_seed(job.seed)
-    check_sampler(job.sampler)
-    check_model(job.model, models)
-    if job.max_image_bytes is not None and (_int(job.max_image_bytes, "max_image_bytes") < MIN_IMAGE_BYTES_LIMIT):
+def check_image_byte_limit(limit: Any) -> int:
+    """A job's largest encoded image size (each image's share of Discord's upload limit)."""
+    limit = _int(limit, "max_image_bytes")
+    if limit < MIN_IMAGE_BYTES_LIMIT:
         raise ValidationFailed("max_image_bytes", f"max_image_bytes must be at least {MIN_IMAGE_BYTES_LIMIT}.")
-    if isinstance(job, Text2Img):
-        check_size(job.width, job.height)
-        check_count(job.count)
-        if job.refiner is not None and not isinstance(job.refiner, bool):
-            raise ValidationFailed("refiner", "refiner must be true or false.")
-        return
-    check_strength(job.strength)
-    if isinstance(job, Variations):
-        check_count(job.count)
-    width, height = probe_image(job.image, max_bytes=max_attachment_bytes, max_pixels=max_attachment_pixels)
-    if isinstance(job, Upscale):
-        if job.factor != 2:
-            raise ValidationFailed("factor", "Only ×2 upscaling is supported.")
-        if max(width, height) * job.factor > upscale_max_side:
-            raise ValidationFailed(
-                "image",
-                f"Upscaling {width}×{height} ×{job.factor} would exceed {upscale_max_side} pixels a side.",
-            )
+    return limit
 
 
 __all__ = [
@@ -485,6 +436,7 @@ __all__ = [
     "check_attachment_size",
     "check_cfg",
     "check_count",
+    "check_image_byte_limit",
     "check_model",
     "check_negative",
     "check_prompt",
@@ -499,5 +451,4 @@ __all__ = [
     "input_work_size",
     "prepare_input_image",
     "probe_image",
-    "validate_job",
 ]

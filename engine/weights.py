@@ -27,6 +27,7 @@ SourceKind = Literal["hub", "folder", "single_file"]
 # ControlNet, one estimator) has its config.json and weights at its top.
 FolderLayout = Literal["pipeline", "model"]
 ALL_KINDS: tuple[SourceKind, ...] = ("hub", "folder", "single_file")
+FILE_ONLY: tuple[SourceKind, ...] = ("single_file",)
 
 
 class ModelLoadError(Exception):
@@ -160,7 +161,7 @@ def _check_folder(path: Path, key: str, layout: FolderLayout) -> str | None:
 
 def safetensors_file(source: str, *, role: str) -> Path:
     """A single `.safetensors` file (an upscaler, a LoRA, an embedding), or ModelLoadError."""
-    return Path(ModelSource.parse(source, role=role, kinds=("single_file",)).location)
+    return Path(ModelSource.parse(source, role=role, kinds=FILE_ONLY).location)
 
 
 __all__ = ["HUB_ID", "ModelLoadError", "ModelSource", "SourceKind", "hub_offline", "safetensors_file"]

@@ -27,12 +27,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.api import EngineError, JobCancelled, Result
+from engine.jobs import Job, Limits
+from engine.jobs.events import Progress
 from engine.pnginfo import encode_image
 from engine.protocol import (
     DEFAULT_RUNNER_FACTORY,
@@ -48,18 +51,7 @@ from engine.protocol import (
     Submit,
     WorkerConfig,
 )
-from engine.spec import (
-    EngineError,
-    Job,
-    JobCancelled,
-    Progress,
-    Refine,
-    Result,
-    Text2Img,
-    Upscale,
-    Variations,
-)
-from engine.validate import ValidationFailed, validate_job
+from engine.validate import ValidationFailed
 
 log = logging.getLogger("atelier.engine.worker")
 
@@ -69,14 +61,16 @@ ENCODE_BACKLOG = 2
 
 
 class GeneratedLike(Protocol):
-    image: Any
-    seed: int
+    @property
+    def image(self) -> Any: ...
+    @property
+    def seed(self) -> int: ...
 
 
 class RunnerLike(Protocol):
     def run(
         self, job: Job, *, on_progress: Callable[[Progress], None], cancelled: Callable[[], bool]
-    ) -> list[GeneratedLike]: ...
+    ) -> Sequence[GeneratedLike]: ...
 
 
 def build_runner(config: WorkerConfig) -> RunnerLike:
@@ -193,15 +187,15 @@ def model_load_error() -> type[Exception] | None:
 def check_job(config: WorkerConfig, job: Job) -> Failed | None:
     """The engine-side validation of a job: a non-retryable Failed when its input is bad."""
     generation = config.generation
+    limits = Limits(
+        models=config.models,
+        max_prompt_chars=generation.max_prompt_chars,
+        max_attachment_bytes=generation.max_attachment_bytes,
+        max_attachment_pixels=generation.max_attachment_pixels,
+        upscale_max_side=generation.upscale_max_side,
+    )
     try:
-        validate_job(
-            job,
-            models=config.models,
-            max_prompt_chars=generation.max_prompt_chars,
-            max_attachment_bytes=generation.max_attachment_bytes,
-            max_attachment_pixels=generation.max_attachment_pixels,
-            upscale_max_side=generation.upscale_max_side,
-        )
+        job.check(limits)
     except ValidationFailed as exc:
         return Failed(job.job_id, exc.message, retryable=False)
     return None
@@ -239,14 +233,8 @@ def image_params(config: WorkerConfig, job: Job, out: GeneratedLike, version: st
         "model": model,
     }
     settings = config.models.get(model)
-    if isinstance(job, Text2Img):
-        if job.refiner is not False and settings is not None and settings.refiner:
-            params["refiner"] = _source_name(settings.refiner)
-            params["refiner_switch"] = config.engine.high_noise_frac
-    elif isinstance(job, Refine | Variations | Upscale):
-        params["strength"] = job.strength
-        if isinstance(job, Upscale):
-            params["upscale"] = job.factor
+    refiner = _source_name(settings.refiner) if settings is not None and settings.refiner else None
+    params |= job.image_params(refiner=refiner, refiner_switch=config.engine.high_noise_frac)
     params["job_id"] = job.job_id
     params["version"] = version
     return params
@@ -461,7 +449,7 @@ class Worker:
                 encode_seconds=finished - started,
                 **item.stats,
             )
-            self.send(Done(result, stats))
+            self.send(Done(result, stats=stats))
 
     def image_params(self, job: Job, out: GeneratedLike) -> dict[str, Any]:
         """The A1111-style parameters written into each image."""
@@ -490,7 +478,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         try:
             # What a normal exit runs: releases named semaphores (tqdm makes one) so the resource
             # tracker has nothing to warn about.
-            multiprocessing.util._exit_function()
+            getattr(multiprocessing.util, "_exit_function")()  # noqa: B009 - private, no stub
         except Exception:
             pass
         sys.stdout.flush()

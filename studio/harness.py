@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.app import AtelierBot, make_engine
+from bot.app import AtelierBot
+from bot.wiring import make_engine
 from config.settings import Settings, load_settings
-from engine.spec import EngineClient
+from engine.api import EngineClient
 from sandbox import Channel, Guild, InteractionRecord, Message, Role, Sandbox, User
 from sandbox import permission_bits as perms
 
@@ -182,7 +183,7 @@ async def open_studio(
     try:
         async with open_bot(sb, settings, engine_factory=engine_factory) as bot:
             await sb.wait_for_commands("generate", "mod")
-            await bot.services.engine.ready()  # type: ignore[attr-defined]
+            await bot.wiring.engine.ready()
             yield Studio(sb=sb, bot=bot, **world)
     finally:
         if own:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import discord
 from discord import app_commands
@@ -13,23 +13,25 @@ if TYPE_CHECKING:
 MAX_CHOICES = 25
 
 
-def set_choices(command: app_commands.Command, parameter: str, names: list[str]) -> None:
+def atelier(interaction: discord.Interaction) -> AtelierBot:
+    """The bot an interaction came to (every interaction here comes to Atelier's)."""
+    return cast("AtelierBot", interaction.client)
+
+
+def set_choices(command: app_commands.Command[Any, Any, Any], parameter: str, names: list[str]) -> None:
     """Replace a parameter's choices at start-up (they come from the operator's config)."""
     command._params[parameter].choices = [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
 
 
 async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
     needle = current.lower()
-    names = [name for name in bot.settings.models if needle in name.lower()]
+    names = [name for name in atelier(interaction).settings.models if needle in name.lower()]
     return [app_commands.Choice(name=name, value=name) for name in names[:MAX_CHOICES]]
 
 
 async def own_jobs_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
-    return await bot.requests.own_job_choices(interaction, current)
+    return await atelier(interaction).wiring.actions.own_job_choices(interaction, current)
 
 
 async def any_jobs_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    bot: AtelierBot = interaction.client  # type: ignore[assignment]
-    return await bot.requests.active_job_choices(interaction, current)
+    return await atelier(interaction).wiring.actions.server_job_choices(interaction, current)

@@ -1,18 +1,29 @@
-"""/refine and /variations: img2img on an attached image."""
+"""/refine and /variations: img2img on an attached image; and their buttons on results
+(Refine, Variations, V1…Vn)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import discord
 from discord import app_commands
 from discord.app_commands import Range
 from discord.ext import commands
 
-from bot.commands.common import model_autocomplete
+from bot.buttons import BLUE, INDEX, JOB_ID, ResultButton
+from bot.commands.common import atelier, model_autocomplete
+from bot.intake import random_seed
+from bot.interactions import guarded
+from engine import validate
+from engine.jobs import Job, JobOrder, Refine, Variations
+from engine.options import COUNT, STRENGTH
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
+
+REFINE_STRENGTH = Refine.strength  # the dataclass default: 0.3
+VARIATIONS_STRENGTH = Variations.strength  # 0.6
+VARIATIONS_COUNT = Variations.count  # 4
 
 
 class Images(commands.Cog):
@@ -23,7 +34,7 @@ class Images(commands.Cog):
     @app_commands.describe(
         image="The image to refine (PNG, JPEG or WebP)",
         prompt="What the image shows (helps the refiner)",
-        strength="How much to change, 0.05–1.0 (default 0.3)",
+        strength=f"How much to change, {STRENGTH.low:g}–{STRENGTH.high:g} (default {REFINE_STRENGTH:g})",
         model="Model (default: yours, or the server's)",
     )
     @app_commands.autocomplete(model=model_autocomplete)
@@ -32,19 +43,24 @@ class Images(commands.Cog):
         interaction: discord.Interaction,
         image: discord.Attachment,
         prompt: str | None = None,
-        strength: Range[float, 0.05, 1.0] | None = None,
+        strength: Range[float, STRENGTH.low, STRENGTH.high] | None = None,
         model: str | None = None,
     ) -> None:
-        await self.bot.requests.refine_attachment(
-            interaction, attachment=image, prompt=prompt, strength=strength, model=model
-        )
+        async def work() -> None:
+            common = await self._common(interaction, prompt, model)
+            job = Refine(
+                strength=validate.check_strength(strength if strength is not None else REFINE_STRENGTH), **common
+            )
+            await self.bot.wiring.intake.attachment(interaction, image, job)
+
+        await guarded(interaction, work)
 
     @app_commands.command(name="variations", description="Make variations of an image")
     @app_commands.describe(
         image="The image to vary (PNG, JPEG or WebP)",
         prompt="What the variations should show",
-        strength="How far from the original, 0.05–1.0 (default 0.6)",
-        count="How many variations, 1–4 (default 4)",
+        strength=f"How far from the original, {STRENGTH.low:g}–{STRENGTH.high:g} (default {VARIATIONS_STRENGTH:g})",
+        count=f"How many variations, {COUNT.low}–{COUNT.high} (default {VARIATIONS_COUNT})",
         model="Model (default: yours, or the server's)",
     )
     @app_commands.autocomplete(model=model_autocomplete)
@@ -53,14 +69,77 @@ class Images(commands.Cog):
         interaction: discord.Interaction,
         image: discord.Attachment,
         prompt: str | None = None,
-        strength: Range[float, 0.05, 1.0] | None = None,
-        count: Range[int, 1, 4] | None = None,
+        strength: Range[float, STRENGTH.low, STRENGTH.high] | None = None,
+        count: Range[int, COUNT.low, COUNT.high] | None = None,
         model: str | None = None,
     ) -> None:
-        await self.bot.requests.variations_attachment(
-            interaction, attachment=image, prompt=prompt, strength=strength, count=count, model=model
-        )
+        async def work() -> None:
+            common = await self._common(interaction, prompt, model)
+            number = validate.check_count(count if count is not None else VARIATIONS_COUNT)
+            job = Variations(
+                strength=validate.check_strength(strength if strength is not None else VARIATIONS_STRENGTH),
+                count=number,
+                max_image_bytes=self.bot.wiring.intake.image_byte_limit(interaction, number),
+                **common,
+            )
+            await self.bot.wiring.intake.attachment(interaction, image, job)
+
+        await guarded(interaction, work)
+
+    async def _common(self, interaction: discord.Interaction, prompt: str | None, model: str | None) -> dict[str, Any]:
+        gen = self.bot.settings.generation
+        prompt_text = validate.check_prompt(prompt, max_chars=gen.max_prompt_chars, required=False)
+        model_name = await self.bot.wiring.intake.model(interaction, model)
+        await self.bot.wiring.intake.precheck(interaction, prompt_text)
+        return {
+            "job_id": "pending",
+            "prompt": prompt_text,
+            "steps": gen.default_steps,
+            "cfg": gen.default_cfg,
+            "seed": random_seed(),
+            "sampler": gen.default_sampler,
+            "model": model_name,
+        }
+
+
+class VariationsButton(ResultButton, template=rf"atelier:variations:{JOB_ID}:{INDEX}$"):
+    action: ClassVar[str] = "variations"
+    label, emoji, style, single = "Variations", "🎨", BLUE, 2
+    per_image, per_image_row = "V", 1
+
+    async def act(self, interaction: discord.Interaction) -> None:
+        bot = atelier(interaction)
+
+        def build(parent: JobOrder, fields: dict[str, Any]) -> Job:
+            limit = bot.wiring.intake.image_byte_limit(interaction, VARIATIONS_COUNT)
+            return Variations(**{**fields, "seed": random_seed()}, steps=parent.spec.steps, max_image_bytes=limit)
+
+        async def work() -> None:
+            parent = await bot.wiring.intake.parent(self.job_id)
+            await bot.wiring.intake.from_parent(interaction, parent, self.index, self.action, build)
+
+        await guarded(interaction, work)
+
+
+class RefineButton(ResultButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
+    action: ClassVar[str] = "refine"
+    label, emoji, style, single = "Refine", "✨", BLUE, 3
+
+    async def act(self, interaction: discord.Interaction) -> None:
+        bot = atelier(interaction)
+
+        async def work() -> None:
+            parent = await bot.wiring.intake.parent(self.job_id)
+            await bot.wiring.intake.from_parent(
+                interaction, parent, self.index, self.action, lambda p, fields: Refine(**fields, steps=p.spec.steps)
+            )
+
+        await guarded(interaction, work)
 
 
 async def setup(bot: AtelierBot) -> None:
     await bot.add_cog(Images(bot))
+    bot.add_dynamic_items(VariationsButton, RefineButton)
+
+
+__all__ = ["Images", "RefineButton", "VariationsButton"]

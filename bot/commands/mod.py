@@ -15,9 +15,9 @@ from discord.ext import commands
 
 from bot.commands import scoped
 from bot.commands.common import any_jobs_autocomplete, model_autocomplete
+from bot.errors import Refused
 from bot.permissions import moderator_only
 from bot.render import units
-from bot.requests import Refused
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
@@ -61,7 +61,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
         self, interaction: discord.Interaction, user: discord.User, limit: app_commands.Range[float, 0.0, 1e6]
     ) -> None:
         limit = _amount(limit, "limit", minimum=0.0)
-        await self.bot.services.quotas.set_user_limit(interaction.guild_id, user.id, limit)
+        await self.bot.wiring.quotas.set_user_limit(self._scope(interaction), user.id, limit)
         await self._reply(interaction, f"{user.mention} may now use {units(limit)} units per window.")
 
     @quota.command(name="grant", description="Give a member extra units in the current window")
@@ -75,14 +75,14 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
         units_: app_commands.Range[float, 0.01, 1e6],
     ) -> None:
         units_ = _amount(units_, "units", minimum=0.01)
-        await self.bot.services.quotas.grant(interaction.guild_id, user.id, units_, interaction.user.id)
+        await self.bot.wiring.quotas.grant(self._scope(interaction), user.id, units_, interaction.user.id)
         await self._reply(interaction, f"Granted {units(units_)} extra units to {user.mention}.")
 
     @quota.command(name="reset", description="Clear a member's usage in the current window")
     @app_commands.describe(user="The member")
     @moderator_only()
     async def quota_reset(self, interaction: discord.Interaction, user: discord.User) -> None:
-        cleared = await self.bot.services.quotas.reset(interaction.guild_id, user.id, interaction.user.id)
+        cleared = await self.bot.wiring.quotas.reset(self._scope(interaction), user.id, interaction.user.id)
         await self._reply(interaction, f"Reset {user.mention}'s usage ({units(cleared)} units cleared).")
 
     @quota.command(name="default", description="Set the server's default allowance per window (0 blocks)")
@@ -90,7 +90,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     @moderator_only()
     async def quota_default(self, interaction: discord.Interaction, limit: app_commands.Range[float, 0.0, 1e6]) -> None:
         limit = _amount(limit, "limit", minimum=0.0)
-        await self.bot.services.quotas.set_default_limit(interaction.guild_id, limit)
+        await self.bot.wiring.quotas.set_default_limit(self._scope(interaction), limit)
         await self._reply(interaction, f"The server's default allowance is now {units(limit)} units per window.")
 
     @quota.command(name="role", description="Set the allowance of a role (the highest of a member's roles applies)")
@@ -100,7 +100,7 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
         self, interaction: discord.Interaction, role: discord.Role, limit: app_commands.Range[float, 0.0, 1e6]
     ) -> None:
         limit = _amount(limit, "limit", minimum=0.0)
-        await self.bot.services.quotas.set_role_limit(interaction.guild_id, role.id, limit)
+        await self.bot.wiring.quotas.set_role_limit(self._scope(interaction), role.id, limit)
         await self._reply(interaction, f"Members with {role.mention} may use {units(limit)} units per window.")
 
     # -- members ----------------------------------------------------------------------------------
@@ -122,14 +122,14 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     @app_commands.command(name="queue", description="This server's queue")
     @moderator_only()
     async def queue(self, interaction: discord.Interaction) -> None:
-        await self.bot.requests.show_whole_queue(interaction)
+        await self.bot.wiring.actions.show_whole_queue(interaction)
 
     @app_commands.command(name="cancel", description="Cancel any job of this server (refunded)")
     @app_commands.describe(job="The job id")
     @app_commands.autocomplete(job=any_jobs_autocomplete)
     @moderator_only()
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
-        await self.bot.requests.cancel_command(interaction, job, as_moderator=True)
+        await self.bot.wiring.actions.cancel(interaction, job, as_moderator=True)
 
     @app_commands.command(name="pause", description="Pause this server's queue: its jobs wait until resumed")
     @moderator_only()
@@ -173,9 +173,9 @@ class Mod(commands.GroupCog, group_name="mod", group_description="Moderator tool
     @moderator_only()
     async def model_default(self, interaction: discord.Interaction, name: str) -> None:
         if name not in self.bot.settings.models:
-            await self._reply(interaction, self.bot.services.unknown_model_text(name))
+            await self._reply(interaction, self.bot.wiring.intake.unknown_model_text(name))
             return
-        await self.bot.services.moderation.set_default_model(interaction.guild_id, name)
+        await self.bot.wiring.moderation.set_default_model(self._scope(interaction), name)
         await self._reply(interaction, f"The server's default model is now `{name}`.")
 
 

@@ -21,9 +21,9 @@ class Models(commands.GroupCog, group_name="model", group_description="Pick your
 
     @app_commands.command(name="list", description="The models you can use")
     async def list_models(self, interaction: discord.Interaction) -> None:
-        services = self.bot.services
-        mine = await services.moderation.get_user_default_model(interaction.user.id)
-        server = await services.server_default_model(interaction.guild_id)
+        wiring = self.bot.wiring
+        mine = await wiring.moderation.get_user_default_model(interaction.user.id)
+        server = await wiring.intake.server_default_model(interaction.guild_id)
         lines = []
         for name, model in self.bot.settings.models.items():
             marks = []
@@ -42,9 +42,9 @@ class Models(commands.GroupCog, group_name="model", group_description="Pick your
     @app_commands.autocomplete(name=model_autocomplete)
     async def use(self, interaction: discord.Interaction, name: str) -> None:
         if name not in self.bot.settings.models:
-            await interaction.response.send_message(self.bot.services.unknown_model_text(name), ephemeral=True)
+            await interaction.response.send_message(self.bot.wiring.intake.unknown_model_text(name), ephemeral=True)
             return
-        await self.bot.services.moderation.set_user_default_model(interaction.user.id, name)
+        await self.bot.wiring.moderation.set_user_default_model(interaction.user.id, name)
         await interaction.response.send_message(f"Your default model is now `{name}`.", ephemeral=True)
 
     @app_commands.command(name="info", description="About one model")
@@ -53,7 +53,7 @@ class Models(commands.GroupCog, group_name="model", group_description="Pick your
     async def info(self, interaction: discord.Interaction, name: str) -> None:
         model = self.bot.settings.models.get(name)
         if model is None:
-            await interaction.response.send_message(self.bot.services.unknown_model_text(name), ephemeral=True)
+            await interaction.response.send_message(self.bot.wiring.intake.unknown_model_text(name), ephemeral=True)
             return
         embed = discord.Embed(title=name, description=model.description or None)
         embed.add_field(name="Base", value=f"`{_source_name(model.base)}`", inline=False)

@@ -42,13 +42,13 @@ class Operator(commands.GroupCog, group_name="operator", group_description="The 
     @app_commands.command(name="queue", description="Every server's queue")
     @operator_only()
     async def queue(self, interaction: discord.Interaction) -> None:
-        await self.bot.requests.show_whole_queue(interaction, every_server=True)
+        await self.bot.wiring.actions.show_whole_queue(interaction, every_server=True)
 
     @app_commands.command(name="cancel", description="Cancel any job (refunded)")
     @app_commands.describe(job="The job id")
     @operator_only()
     async def cancel(self, interaction: discord.Interaction, job: str) -> None:
-        await self.bot.requests.cancel_command(interaction, job, as_moderator=False, as_operator=True)
+        await self.bot.wiring.actions.cancel(interaction, job, as_moderator=False, as_operator=True)
 
     @app_commands.command(name="stats", description="The last 24 hours of every server")
     @operator_only()

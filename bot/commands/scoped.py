@@ -14,8 +14,8 @@ import discord
 from bot.render import duration
 from db.moderation import EVERYWHERE
 from db.stats import ActivityStats, activity_since
+from engine.api import EngineHealth
 from engine.blocklist import InvalidPattern
-from engine.spec import EngineHealth
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
@@ -35,20 +35,20 @@ def _where(scope: int) -> str:
 async def ban(
     bot: AtelierBot, interaction: discord.Interaction, scope: int, user: discord.User, reason: str | None
 ) -> None:
-    await bot.services.moderation.ban(scope, user.id, reason=reason, moderator_id=interaction.user.id)
-    cancelled = await bot.requests.cancel_all_for(scope, user.id, every_server=scope == EVERYWHERE)
+    await bot.wiring.moderation.ban(scope, user.id, reason=reason, moderator_id=interaction.user.id)
+    cancelled = await bot.wiring.actions.cancel_all_for(scope, user.id, every_server=scope == EVERYWHERE)
     extra = f" {cancelled} queued job(s) cancelled and refunded." if cancelled else ""
     await reply(interaction, f"{user.mention} can no longer use the bot {_where(scope)}.{extra}")
 
 
 async def unban(bot: AtelierBot, interaction: discord.Interaction, scope: int, user: discord.User) -> None:
-    removed = await bot.services.moderation.unban(scope, user.id)
+    removed = await bot.wiring.moderation.unban(scope, user.id)
     text = f"{user.mention} may use the bot again." if removed else f"{user.mention} was not banned."
     await reply(interaction, text)
 
 
 async def pause(bot: AtelierBot, interaction: discord.Interaction, scope: int, paused: bool, command: str) -> None:
-    await bot.services.set_paused(scope, paused)
+    await bot.wiring.set_paused(scope, paused)
     queue = "Every server's queue" if scope == EVERYWHERE else "The queue"
     if paused:
         text = f"{queue} is paused. Running jobs finish; new jobs wait. `/{command} resume` to go on."
@@ -59,7 +59,7 @@ async def pause(bot: AtelierBot, interaction: discord.Interaction, scope: int, p
 
 async def add_pattern(bot: AtelierBot, interaction: discord.Interaction, scope: int, pattern: str) -> None:
     try:
-        added = await bot.services.blocklists.add(scope, pattern, added_by=interaction.user.id)
+        added = await bot.wiring.blocklists.add(scope, pattern, added_by=interaction.user.id)
     except InvalidPattern as exc:
         await reply(interaction, f"That pattern cannot be used: {exc}")
         return
@@ -67,13 +67,13 @@ async def add_pattern(bot: AtelierBot, interaction: discord.Interaction, scope: 
 
 
 async def remove_pattern(bot: AtelierBot, interaction: discord.Interaction, scope: int, pattern: str) -> None:
-    removed = await bot.services.moderation.remove_pattern(scope, pattern)
+    removed = await bot.wiring.moderation.remove_pattern(scope, pattern)
     await reply(interaction, f"Removed `{pattern}`." if removed else f"`{pattern}` is not on the list.")
 
 
 async def list_patterns(bot: AtelierBot, interaction: discord.Interaction, scope: int) -> None:
     """A server's list shows the operator's patterns too (they apply there), marked as such."""
-    blocklists = bot.services.blocklists
+    blocklists = bot.wiring.blocklists
     operator = await blocklists.patterns(EVERYWHERE)
     own = [] if scope == EVERYWHERE else await blocklists.patterns(scope)
     mark = "" if scope == EVERYWHERE else " (operator)"
@@ -82,17 +82,15 @@ async def list_patterns(bot: AtelierBot, interaction: discord.Interaction, scope
 
 
 async def stats(bot: AtelierBot, interaction: discord.Interaction, scope: int) -> None:
-    services = bot.services
+    wiring = bot.wiring
     everywhere = scope == EVERYWHERE
     guild_id = None if everywhere else interaction.guild_id
     now = datetime.now(UTC)
     since = now - STATS_WINDOW
-    started = datetime.fromtimestamp(services.metrics.started_at, UTC)
+    started = datetime.fromtimestamp(wiring.metrics.started_at, UTC)
     busy_since = max(since, started)
-    activity = await activity_since(
-        services.db, since, busy_since=busy_since, every_server=everywhere, guild_id=guild_id
-    )
-    scheduler, metrics, health = services.scheduler, services.metrics, services.engine.health()
+    activity = await activity_since(wiring.db, since, busy_since=busy_since, every_server=everywhere, guild_id=guild_id)
+    scheduler, metrics, health = wiring.scheduler, wiring.metrics, wiring.engine.health()
     text = stats_text(
         activity,
         busy_span_seconds=(now - busy_since).total_seconds(),

@@ -14,7 +14,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from engine.spec import EngineClient, Job, Progress, Result
+from engine.api import EngineClient, Result
+from engine.jobs import Job
+from engine.jobs.events import Progress
 
 
 async def dispatch_block(client: EngineClient, jobs: Iterable[Job]) -> float:

@@ -255,7 +255,7 @@ async def test_first_response_bot_and_sandbox_in_one_process(tiny_model_dir: Pat
     async with open_studio(settings) as studio:
 
         def engine_busy() -> bool:
-            return any(v.status == "running" for v in studio.bot.services.scheduler.snapshot())
+            return any(v.status == "running" for v in studio.bot.wiring.scheduler.snapshot())
 
         target = Target(studio.sb, studio.guild, studio.channel, engine_busy, time.process_time)
         freeze_startup_heap()  # as `atelier run` does once the bot is set up

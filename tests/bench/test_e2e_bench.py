@@ -99,7 +99,7 @@ async def test_end_to_end_throughput_against_bare_diffusers(tiny_model_dir: Path
     loop = BareLoop(tiny_model_dir, settings.engine.high_noise_frac)
     times: dict[str, list[float]] = {"bare": [], "bot": []}
     async with open_studio(settings) as studio:
-        engine = studio.bot.services.engine.inner  # type: ignore[attr-defined]
+        engine = studio.bot.wiring.engine.inner  # type: ignore[attr-defined]
         await asyncio.to_thread(bare, loop, "warm-bare", [1, 2])
         await through_the_bot(studio, "warm", [1, 2])
         gaps: list[float] = []

@@ -43,9 +43,11 @@ from typing import Any
 import pytest
 
 from config.settings import Settings, load_settings
+from engine.api import Result
 from engine.client import LocalEngineClient
+from engine.jobs import Text2Img
+from engine.jobs.events import Progress
 from engine.protocol import JobStats
-from engine.spec import Progress, Result, Text2Img
 from tests.bench import report
 from tests.bench.dispatch import dispatch_block
 

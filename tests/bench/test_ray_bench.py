@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.api import EngineClient
 from engine.client import LocalEngineClient
-from engine.spec import EngineClient, Text2Img
+from engine.jobs import Text2Img
 from tests.bench import report
 from tests.bench.dispatch import dispatch_block
 from tests.bench.test_engine_bench import bench_settings

@@ -1,10 +1,10 @@
 """Second implementations of the scheduler's ports, for fast property tests.
 
-* ``MemoryJobStore`` implements ``bot.scheduler.JobStorePort`` with a dict, obeying the same
+* ``MemoryJobStore`` implements ``bot.queue.scheduler.JobStorePort`` with a dict, obeying the same
   transition table as ``db.jobs.JobStore`` (invalid transitions raise ``InvalidTransition``) and
   keeping a per-job quota ledger (reserve on create, commit on done, refund on failed/cancelled),
   plus a history of every transition so tests can count terminal states.
-* ``FakeEngine`` implements ``engine.spec.EngineClient`` in-process: a job "runs" by yielding a
+* ``FakeEngine`` implements ``engine.api.EngineClient`` in-process: a job "runs" by yielding a
   few ``Progress`` items (sleeping 0 between them) and one ``Result``. Failures are injectable:
   retryable crashes of a job's first N attempts or of the n-th submission, non-retryable errors,
   holding jobs until released or cancelled, and ignoring cancellation (a hung engine).
@@ -19,16 +19,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from engine.spec import (
-    EngineError,
-    EngineHealth,
-    ImageOut,
-    Job,
-    JobCancelled,
-    Progress,
-    Result,
-    Text2Img,
-)
+from engine.api import EngineError, EngineHealth, ImageOut, JobCancelled, Result
+from engine.jobs import Job, Text2Img
+from engine.jobs.events import Progress
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from bot.delivery import Delivery
-from tests.bot.test_answer import burst_of_slow_deferrals
+from tests.bot.test_interactions import burst_of_slow_deferrals
 
 RECORD = SimpleNamespace(id="JOB00001", channel_id=1)
 
@@ -22,7 +22,7 @@ def delivery_noting_edits(edited_at: list[float]) -> Delivery:
 
     channel = SimpleNamespace(get_partial_message=lambda message_id: Message())
     bot = SimpleNamespace(get_partial_messageable=lambda channel_id: channel)
-    return Delivery(bot, services=None)  # type: ignore[arg-type]
+    return Delivery(bot, jobs=None, results=None, safety=None, safety_settings=None)  # type: ignore[arg-type]
 
 
 async def test_a_status_edit_waits_until_a_bursts_deferrals_are_sent() -> None:

@@ -18,12 +18,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.metrics import DISCORD_EPOCH_MS, PENDING_KINDS, JobObserver, Metrics
-from bot.scheduler import Done, Failed, JobEvent, Scheduler
+from bot.queue.scheduler import Done, Failed, JobEvent, Scheduler
 from config.settings import QueueSettings
 from db.jobs import JobStore
 from db.migrate import upgrade
 from db.session import Database
-from engine.spec import EngineHealth
+from engine.api import EngineHealth
 from tests.bot.fakes import FakeEngine, text2img_factory
 
 

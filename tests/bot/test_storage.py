@@ -12,7 +12,7 @@ import pytest
 import bot.storage as storage
 from bot.storage import GIB, OutputStore, PruneReport, StorageError
 from config.settings import StorageSettings
-from engine.spec import ImageOut
+from engine.api import ImageOut
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 DAY = 86400.0

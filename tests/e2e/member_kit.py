@@ -86,7 +86,7 @@ async def generate(
 
 
 async def job(studio: Studio, job_id: str) -> JobRecord:
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None, f"job {job_id} is not in the database"
     return record
 
@@ -94,18 +94,18 @@ async def job(studio: Studio, job_id: str) -> JobRecord:
 async def ledger(studio: Studio, member: User, guild_id: int | None = -1) -> list[tuple[str, float, str | None]]:
     """The member's ledger entries (kind, units, job) in the studio's guild (None: DMs)."""
     gid = studio.guild.id if guild_id == -1 else guild_id
-    entries = await studio.bot.services.quotas.ledger(gid, member.id)
+    entries = await studio.bot.wiring.quotas.ledger(gid, member.id)
     return [(e.kind, round(e.units, 6), e.job_id) for e in entries]
 
 
 async def used(studio: Studio, member: User, guild_id: int | None = -1) -> float:
     gid = studio.guild.id if guild_id == -1 else guild_id
-    return (await studio.bot.services.quotas.status(gid, member.id)).used
+    return (await studio.bot.wiring.quotas.status(gid, member.id)).used
 
 
 async def all_jobs(studio: Studio, member: User, guild_id: int | None = -1) -> list[JobRecord]:
     gid = studio.guild.id if guild_id == -1 else guild_id
-    return await studio.bot.services.jobs.list_for_user(gid, member.id, TOTAL_STATUSES)
+    return await studio.bot.wiring.jobs.list_for_user(gid, member.id, TOTAL_STATUSES)
 
 
 async def assert_nothing_charged(studio: Studio, member: User, guild_id: int | None = -1) -> None:

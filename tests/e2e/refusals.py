@@ -55,7 +55,7 @@ class Account:
 
 
 async def account(studio: Studio, user: User, guild_id: int | None = None) -> Account:
-    services = studio.bot.services
+    services = studio.bot.wiring
     guild = studio.guild.id if guild_id is None else guild_id
     ledger = await services.quotas.ledger(guild, user.id)
     jobs = await services.jobs.list_for_user(guild, user.id, statuses=ALL_STATUSES)

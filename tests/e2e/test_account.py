@@ -76,7 +76,7 @@ async def test_queue_shows_only_my_jobs_with_positions_and_eta(studio: Studio) -
     empty = await studio.command(me, "queue")
     assert_refused(empty, "no queued or running jobs")
 
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()
     try:
         cards = [await studio.command(me, "generate", {"prompt": f"mine {i}", "steps": 1}) for i in (1, 2)]
@@ -107,7 +107,7 @@ async def test_queue_cards_further_back_are_edited_less_often(studio: Studio, mo
     is shared by every card of a long queue."""
     monkeypatch.setattr(delivery, "EDIT_INTERVAL", 0.4)
     members = [studio.new_member(f"far-{i}") for i in range(4)]
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()
     try:
         cards = [await studio.command(m, "generate", {"prompt": f"far {i}", "steps": 2}) for i, m in enumerate(members)]
@@ -130,7 +130,7 @@ async def test_queue_cards_further_back_are_edited_less_often(studio: Studio, mo
 # ---------------------------------------------------------------------------------------- /cancel
 async def test_cancel_autocomplete_and_cancelling_a_queued_job(studio: Studio) -> None:
     me, other = studio.new_member("cancel-me"), studio.new_member("cancel-other")
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()
     try:
         cards = [await studio.command(me, "generate", {"prompt": f"draft {i}", "steps": 2}) for i in (1, 2)]
@@ -222,7 +222,7 @@ async def test_job_repost_follows_the_safety_rule_of_the_channel_it_is_posted_in
     job_id, original = await generate(studio, member, {"prompt": "after dark", "steps": 1}, channel=studio.nsfw)
     assert original.channel_id == studio.nsfw.id and len(original.attachments) == 1
 
-    safety = studio.bot.services.safety
+    safety = studio.bot.wiring.safety
     explicit = SafetyVerdict(explicit=True, score=0.9, labels=["FEMALE_BREAST_EXPOSED"])
 
     async def flags_everything(image_bytes: bytes) -> SafetyVerdict:
@@ -240,7 +240,7 @@ async def test_job_repost_follows_the_safety_rule_of_the_channel_it_is_posted_in
 
 async def test_job_refuses_a_job_that_has_not_finished(studio: Studio) -> None:
     member = studio.new_member("early-bird")
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()
     try:
         job_id = assert_queued(await studio.command(member, "generate", {"prompt": "soon", "steps": 1}))
@@ -293,4 +293,4 @@ async def test_model_info_and_unknown_names(studio: Studio) -> None:
     for command in ("model use", "model info"):
         refused = await studio.command(member, command, {"name": "sdxl-turbo"})
         assert_refused(refused, "no model `sdxl-turbo`", "`tiny`")
-    assert await studio.bot.services.moderation.get_user_default_model(member.id) is None
+    assert await studio.bot.wiring.moderation.get_user_default_model(member.id) is None

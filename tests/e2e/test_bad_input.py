@@ -337,7 +337,7 @@ async def test_a_job_larger_than_the_whole_allowance_says_so(studio: Studio) -> 
 
 
 async def test_a_full_queue_refuses_per_member_and_globally(studio: Studio) -> None:
-    services = studio.bot.services
+    services = studio.bot.wiring
     await studio.sb.wait_until(lambda: not services.scheduler.snapshot(), timeout=60, what="an idle queue")
     first, second, third = (studio.new_member(n) for n in ("eager", "keen", "late"))
     assert_fast(await studio.command(studio.mod, "mod pause"))

@@ -145,14 +145,14 @@ async def test_grid_buttons_each_use_their_own_image(studio: Studio) -> None:
     # Three clickers so the per-member queue cap (3) never refuses a click.
     clickers = [studio.new_member(f"grid-clicker-{i}") for i in range(3)]
     buttons = [f"U{i}" for i in range(1, 5)] + [f"V{i}" for i in range(1, 5)]
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     started = {}
     scheduler.pause()  # all eight stay queued: the V jobs are checked, then cancelled (1 MP each is slow)
     try:
         for n, label in enumerate(buttons):
             started[label] = assert_queued(await studio.click(clickers[n // 3], parent, label))
 
-        inputs = studio.bot.requests.inputs_dir
+        outputs = studio.bot.wiring.outputs
         for label, child_id in started.items():
             index = int(label[1]) - 1
             upscale = label[0] == "U"
@@ -161,7 +161,7 @@ async def test_grid_buttons_each_use_their_own_image(studio: Studio) -> None:
             assert record.params["parent"] == {"job": parent_id, "index": index, "action": action}
             # The job works on image `index` of the grid, exactly as the bot prepares it.
             png, size = prepared(studio, parent_bytes[index], upscale=upscale)
-            assert (inputs / f"{child_id}.png").read_bytes() == png, label
+            assert outputs.input_path(child_id).read_bytes() == png, label
             assert record.params["input_size"] == list(size)
             if upscale:
                 assert record.params["seed"] == 500 + index  # the seed of that image
@@ -202,7 +202,7 @@ async def test_delete_by_owner_other_member_and_moderator(studio: Studio) -> Non
 
 async def test_cancel_on_the_queue_card_refunds_the_owner(studio: Studio) -> None:
     owner, other = studio.new_member("canceller"), studio.new_member("meddler")
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()  # keep the job queued while we click
     try:
         inter = await studio.command(owner, "generate", {"prompt": "never mind", "steps": 2})

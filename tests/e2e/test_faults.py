@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.scheduler import JobEvent, ProgressEvent, Started
+from bot.queue.scheduler import JobEvent, ProgressEvent, Started
 from sandbox import Message, User
 from sandbox import permission_bits as perms
 from studio.harness import Studio, job_id_of, open_studio, tiny_settings
@@ -50,14 +50,14 @@ def result_messages(studio: Studio, job_id: str, channel: Any = None) -> list[Me
 async def generate_paused(studio: Studio, user: User, options: dict[str, Any], **kwargs: Any) -> str:
     """Queue a job while the queue is paused (so the test can act before it runs); returns its id.
     The caller resumes the queue."""
-    studio.bot.services.scheduler.pause()
+    studio.bot.wiring.scheduler.pause()
     inter = await studio.command(user, "generate", options, **kwargs)
     assert_queued(inter)
     return job_id_of(inter)
 
 
 def resume(studio: Studio) -> None:
-    studio.bot.services.scheduler.resume()
+    studio.bot.wiring.scheduler.resume()
 
 
 # ------------------------------------------------------------------------------- Discord faults
@@ -151,12 +151,12 @@ async def test_an_unexpected_error_in_a_command_is_answered_and_logged(
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the database went away")
 
-    monkeypatch.setattr(studio.bot.services.quotas, "status", broken)
-    caplog.set_level(logging.ERROR, logger="bot.app")
+    monkeypatch.setattr(studio.bot.wiring.quotas, "status", broken)
+    caplog.set_level(logging.ERROR, logger="bot.tree")
     inter = await studio.command(member, "quota")
     text = assert_refused(inter, "Something went wrong on my side", str(inter.id))
     assert "RuntimeError" not in text  # no internals shown to the member
-    logged = [r for r in caplog.records if r.name == "bot.app" and str(inter.id) in r.getMessage()]
+    logged = [r for r in caplog.records if r.name == "bot.tree" and str(inter.id) in r.getMessage()]
     assert logged and logged[0].exc_info is not None and "database went away" in str(logged[0].exc_info[1])
 
 
@@ -175,14 +175,14 @@ def _wait_for_event(studio: Studio, job_id: str, kind: type) -> Any:
             future.set_result(event)
             remove()
 
-    remove = studio.bot.services.scheduler.on_event(listener)
+    remove = studio.bot.wiring.scheduler.on_event(listener)
     return asyncio.wait_for(future, 60)
 
 
 def _kill_engine_mid_job(studio: Studio, job_id: str, times: int) -> list[int]:
     """Kill the engine process (SIGKILL) at the first progress step of each of the job's first
     `times` attempts; returns the pids killed."""
-    engine = studio.bot.services.engine.inner  # type: ignore[attr-defined]
+    engine = studio.bot.wiring.engine.inner  # type: ignore[attr-defined]
     killed: list[int] = []
     armed = [False]
 
@@ -198,12 +198,12 @@ def _kill_engine_mid_job(studio: Studio, job_id: str, times: int) -> list[int]:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    studio.bot.services.scheduler.on_event(listener)
+    studio.bot.wiring.scheduler.on_event(listener)
     return killed
 
 
 async def test_an_engine_killed_mid_job_is_retried_and_the_job_finishes(studio: Studio) -> None:
-    services = studio.bot.services
+    services = studio.bot.wiring
     member, bystander = studio.new_member("crash-once"), studio.new_member("bystander")
     job_id = await generate_paused(studio, member, {"prompt": "a phoenix", "steps": 30})
     killed = _kill_engine_mid_job(studio, job_id, times=1)
@@ -223,7 +223,7 @@ async def test_an_engine_killed_mid_job_is_retried_and_the_job_finishes(studio: 
 
 
 async def test_an_engine_crashing_three_times_fails_the_job_with_a_refund(studio: Studio) -> None:
-    services = studio.bot.services
+    services = studio.bot.wiring
     member = studio.new_member("crash-thrice")
     job_id = await generate_paused(studio, member, {"prompt": "a cursed vase", "steps": 30})
     killed = _kill_engine_mid_job(studio, job_id, times=3)

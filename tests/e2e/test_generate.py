@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from bot.render import SAMPLER_NAMES
-from engine.cost import cost_units
-from engine.spec import SAMPLERS, Text2Img
+from engine.jobs import Text2Img
+from engine.options import SAMPLER_LABELS as SAMPLER_NAMES
+from engine.options import SAMPLERS
 from studio.harness import Studio
 from tests.e2e.member_kit import (
     assert_nothing_charged,
@@ -73,7 +73,7 @@ async def test_every_option_shows_on_the_result_and_in_the_job(studio: Studio) -
     assert (p["width"], p["height"], p["steps"], p["cfg"], p["seed"]) == (256, 320, 3, 5.5, 123456)
     assert (p["sampler"], p["count"], p["model"], p["refiner"]) == ("euler_a", 2, "tiny", False)
     assert record.seeds == [123456, 123457]
-    cost = cost_units(Text2Img(job_id="x", width=256, height=320, steps=3, count=2))
+    cost = Text2Img(job_id="x", width=256, height=320, steps=3, count=2).cost()
     assert record.cost == pytest.approx(cost)
     assert await ledger(studio, member) == [("reserve", cost, job_id), ("commit", cost, job_id)]
     assert await used(studio, member) == pytest.approx(cost)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cost import cost_units
-from engine.spec import Refine, Variations
+from engine.jobs import Refine, Variations
 from engine.validate import fit_size
 from studio.harness import Studio
 from tests.e2e.member_kit import (
@@ -45,7 +44,7 @@ def picture(width: int, height: int, fmt: str, seed: int = 0) -> bytes:
 
 
 async def test_refine_a_png_with_the_defaults(studio: Studio, monkeypatch: pytest.MonkeyPatch) -> None:
-    outputs = studio.bot.services.outputs
+    outputs = studio.bot.wiring.outputs
     saved: dict[str, bytes] = {}  # every input as the bot stored it for the engine
 
     def save_input(job_id: str, data: bytes) -> Path:
@@ -75,7 +74,7 @@ async def test_refine_a_png_with_the_defaults(studio: Studio, monkeypatch: pytes
     record = await job(studio, job_id)
     assert record.kind == "refine" and record.status == "done"
     assert record.params["strength"] == 0.3 and record.params["input_size"] == list(fitted)
-    cost = cost_units(Refine(job_id="x", image=b"", steps=4, strength=0.3), input_size=fitted)
+    cost = Refine(job_id="x", image=b"", steps=4, strength=0.3).cost(fitted)
     assert record.cost == pytest.approx(cost)
     assert await ledger(studio, member) == [("reserve", cost, job_id), ("commit", cost, job_id)]
 
@@ -136,14 +135,14 @@ async def test_variations_of_a_webp_with_count_strength_and_prompt(studio: Studi
     assert result.embeds[0]["description"] == "a blue door"
     record = await job(studio, job_id)
     assert record.kind == "variations" and record.params["count"] == 2 and record.params["strength"] == 0.8
-    cost = cost_units(Variations(job_id="x", image=b"", steps=4, strength=0.8, count=2), input_size=fitted)
+    cost = Variations(job_id="x", image=b"", steps=4, strength=0.8, count=2).cost(fitted)
     assert record.cost == pytest.approx(cost)
     assert await used(studio, member) == pytest.approx(cost)
 
 
 async def test_variations_default_to_four_images_at_strength_0_6(studio: Studio) -> None:
     member = studio.new_member("default-varier")
-    scheduler = studio.bot.services.scheduler
+    scheduler = studio.bot.wiring.scheduler
     scheduler.pause()
     try:
         inter = await studio.command(
@@ -153,7 +152,7 @@ async def test_variations_default_to_four_images_at_strength_0_6(studio: Studio)
         record = await job(studio, job_id)
         assert record.params["count"] == 4 and record.params["strength"] == 0.6
         fitted = fit_size(200, 200)
-        cost = cost_units(Variations(job_id="x", image=b"", steps=4, strength=0.6, count=4), input_size=fitted)
+        cost = Variations(job_id="x", image=b"", steps=4, strength=0.6, count=4).cost(fitted)
         assert record.cost == pytest.approx(cost)
         assert f"Cost {cost:.2f} units" in (inter.response.content or "")
         assert await scheduler.cancel(job_id)

@@ -83,7 +83,7 @@ async def test_jobs_a_refusal_and_a_discord_error_move_the_served_metrics(
     studio: Studio, metrics_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    services = studio.bot.services
+    services = studio.bot.wiring
     before = await until_scraped(metrics_port, lambda s: value(s, "atelier_engine_alive") == 1)
     assert value(before, "atelier_engine_slots") == 1 and value(before, "atelier_engine_busy_slots") == 0
 
@@ -137,7 +137,7 @@ async def test_jobs_a_refusal_and_a_discord_error_move_the_served_metrics(
 
 
 async def test_an_engine_crash_counts_as_a_restart(studio: Studio, metrics_port: int) -> None:
-    engine = studio.bot.services.engine.inner  # type: ignore[attr-defined]
+    engine = studio.bot.wiring.engine.inner  # type: ignore[attr-defined]
     before = await scrape(metrics_port)
     pid = engine.pid
     assert pid is not None

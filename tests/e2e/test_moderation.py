@@ -58,7 +58,7 @@ async def generate(studio: Studio, user: User, prompt: str = "a lighthouse", **o
 
 
 async def test_quota_set_zero_blocks_and_a_limit_lets_one_job_in(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     member = studio.new_member("quota-set")
     text = await mod(studio, "quota set", {"user": member, "limit": 0})
     assert f"<@{member.id}>" in text and "0.00 units" in text
@@ -77,7 +77,7 @@ async def test_quota_set_zero_blocks_and_a_limit_lets_one_job_in(studio: Studio)
 
 
 async def test_quota_role_highest_role_limit_applies(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild
+    services, guild = studio.bot.wiring, studio.guild
     low = studio.sb.add_role(guild, "Tier low")
     high = studio.sb.add_role(guild, "Tier high")
     await mod(studio, "quota role", {"role": low, "limit": ONE_JOB})
@@ -98,7 +98,7 @@ async def test_quota_role_highest_role_limit_applies(studio: Studio) -> None:
 
 
 async def test_quota_default_applies_to_members_without_their_own_limit(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     own = studio.new_member("has-own-limit")
     await mod(studio, "quota set", {"user": own, "limit": 5})
     try:
@@ -116,7 +116,7 @@ async def test_quota_default_applies_to_members_without_their_own_limit(studio: 
 
 
 async def test_quota_grant_gives_room_and_reset_clears_usage(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     member = studio.new_member("grant-reset")
     await mod(studio, "quota set", {"user": member, "limit": ONE_JOB})
     assert_queued(await generate(studio, member))
@@ -138,7 +138,7 @@ async def test_quota_grant_gives_room_and_reset_clears_usage(studio: Studio) -> 
 
 
 async def test_out_of_range_amounts_sent_anyway_are_refused_with_no_effect(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild
+    services, guild = studio.bot.wiring, studio.guild
     member = studio.new_member("amounts")
     role = studio.sb.add_role(guild, "Amounts")
     cases = [
@@ -163,7 +163,7 @@ async def test_out_of_range_amounts_sent_anyway_are_refused_with_no_effect(studi
 
 
 async def test_pause_holds_jobs_and_resume_runs_them(studio: Studio) -> None:
-    services = studio.bot.services
+    services = studio.bot.wiring
     member = studio.new_member("paused")
     text = await mod(studio, "pause")
     try:
@@ -188,7 +188,7 @@ async def test_pause_holds_jobs_and_resume_runs_them(studio: Studio) -> None:
 
 
 async def test_mod_cancel_of_another_members_job_refunds_it(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     member = studio.new_member("cancelled-by-mod")
     await mod(studio, "pause")
     try:
@@ -212,7 +212,7 @@ async def test_mod_cancel_of_another_members_job_refunds_it(studio: Studio) -> N
 
 
 async def test_ban_refuses_with_the_reason_cancels_and_refunds_then_unban(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     member = studio.new_member("banned")
     await mod(studio, "pause")
     try:
@@ -253,7 +253,7 @@ async def test_ban_without_reason(studio: Studio) -> None:
 
 
 async def test_blocklist_refuses_prompts_and_negatives_case_insensitively(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     member = studio.new_member("blocked-words")
     assert "Added `drag(on|ons)`" in await mod(studio, "blocklist add", {"pattern": "drag(on|ons)"})
     assert "already on the list" in await mod(studio, "blocklist add", {"pattern": "drag(on|ons)"})
@@ -278,14 +278,14 @@ async def test_blocklist_refuses_prompts_and_negatives_case_insensitively(studio
 async def test_blocklist_rejects_a_broken_pattern(studio: Studio) -> None:
     text = await mod(studio, "blocklist add", {"pattern": "(unclosed"})
     assert "cannot be used" in text
-    assert "(unclosed" not in await studio.bot.services.moderation.list_patterns(studio.guild.id)
+    assert "(unclosed" not in await studio.bot.wiring.moderation.list_patterns(studio.guild.id)
 
 
 # ---------------------------------------------------------------------------------------- models
 
 
 async def test_model_default_changes_members_without_their_own_default(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     plain = studio.new_member("server-default")
     picky = studio.new_member("own-default")
     assert_fast(await studio.command(picky, "model use", {"name": "tiny"}))
@@ -312,7 +312,7 @@ async def test_model_default_changes_members_without_their_own_default(studio: S
 
 
 async def test_a_configured_moderator_role_is_a_moderator(studio: Studio) -> None:
-    services, guild = studio.bot.services, studio.guild
+    services, guild = studio.bot.wiring, studio.guild
     helpers = studio.sb.add_role(guild, "Helpers")  # no Discord permissions at all
     helper = studio.new_member("helper", roles=[helpers])
     target = studio.new_member("helped")
@@ -340,7 +340,7 @@ async def test_administrator_is_a_moderator(studio: Studio) -> None:
     member = studio.new_member("admin-target")
     text = await mod(studio, "quota set", {"user": member, "limit": 3}, user=admin)
     assert "3.00 units" in text
-    assert await studio.bot.services.quotas.user_limit(studio.guild.id, member.id) == 3
+    assert await studio.bot.wiring.quotas.user_limit(studio.guild.id, member.id) == 3
 
 
 def _mod_commands(member: User, role: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -364,7 +364,7 @@ def _mod_commands(member: User, role: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def _state(studio: Studio, member: User, victim: User, role_id: int) -> tuple[Any, ...]:
-    services, guild = studio.bot.services, studio.guild.id
+    services, guild = studio.bot.wiring, studio.guild.id
     return (
         await services.quotas.user_limit(guild, member.id),
         await services.quotas.user_limit(guild, victim.id),
@@ -389,7 +389,7 @@ async def test_the_discord_client_hides_mod_commands_from_members(studio: Studio
 async def test_every_mod_command_is_refused_for_a_member_who_sends_it_anyway(studio: Studio) -> None:
     """A member (even one with other permissions, e.g. Manage Messages) whose client sends /mod
     anyway gets the bot's own refusal, and nothing changes."""
-    sb, services = studio.sb, studio.bot.services
+    sb, services = studio.sb, studio.bot.wiring
     helpful = sb.add_role(studio.guild, "Message helpers", perms.MANAGE_MESSAGES)
     member = studio.new_member("not-a-mod", roles=[helpful])
     victim = studio.new_member("victim")
@@ -423,4 +423,4 @@ async def test_mod_commands_in_dms_are_refused(studio: Studio) -> None:
     inter = await studio.sb.raw_slash(studio.mod, dm, "mod pause", {})
     await inter.wait_response()
     assert_refused(inter, "server")
-    assert not studio.bot.services.scheduler.paused
+    assert not studio.bot.wiring.scheduler.paused

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.answer import DEFER_AFTER_SECONDS, FirstResponse
+from bot.interactions import DEFER_AFTER_SECONDS, FirstResponse
 from studio.harness import JOB_IN_TEXT, Studio, open_studio, tiny_settings
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -31,7 +31,7 @@ async def studio(tiny_model_dir: Path, studio_dir: Path) -> AsyncIterator[Studio
 @pytest.fixture
 def slow_enqueue(studio: Studio) -> Iterator[None]:
     """Every job admission takes 2.6 s, longer than the bot may wait before answering."""
-    jobs = studio.bot.services.jobs
+    jobs = studio.bot.wiring.jobs
     real = jobs.enqueue
 
     async def slow(*args: Any, **kwargs: Any) -> Any:
@@ -65,21 +65,21 @@ async def test_a_slow_accepted_request_is_deferred_in_time_then_posts_its_public
     job_id = JOB_IN_TEXT.search(public[0].content)[1]
     result = await studio.result_of(job_id)
     assert result.attachments
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None and record.status == "done" and record.owner_id == member.id
 
 
 async def test_a_slow_refusal_replaces_the_deferral_and_stays_ephemeral(studio: Studio, slow_enqueue: None) -> None:
     member = studio.new_member("broke")
-    await studio.bot.services.quotas.set_user_limit(studio.guild.id, member.id, 0.001)
+    await studio.bot.wiring.quotas.set_user_limit(studio.guild.id, member.id, 0.001)
     inter = await studio.sb.slash(member, studio.channel, "generate", {"prompt": "too big", "count": 4})
     first = await inter.wait_response(3.0)
     assert first.type == DEFERRED_CHANNEL_MESSAGE and first.ephemeral
     await inter.wait_original(lambda m: m.content.startswith("Not enough quota"), timeout=10)
     assert inter.original.ephemeral
-    status = await studio.bot.services.quotas.status(studio.guild.id, member.id)
+    status = await studio.bot.wiring.quotas.status(studio.guild.id, member.id)
     assert status.used == 0
-    assert await studio.bot.services.jobs.list_for_user(studio.guild.id, member.id) == []
+    assert await studio.bot.wiring.jobs.list_for_user(studio.guild.id, member.id) == []
 
 
 async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(studio: Studio) -> None:
@@ -95,7 +95,7 @@ async def test_a_burst_is_deferred_at_once_and_every_job_gets_one_public_card(st
     assert deferred and all(first.ephemeral for first in firsts if first.type == DEFERRED_CHANNEL_MESSAGE)
     for inter in deferred:
         await inter.wait_original(lambda m: "Your job is queued" in m.content, timeout=20)
-    records = [await studio.bot.services.jobs.list_for_user(studio.guild.id, m.id) for m in members]
+    records = [await studio.bot.wiring.jobs.list_for_user(studio.guild.id, m.id) for m in members]
     assert all(len(jobs) == 1 for jobs in records)
     public = studio.sb.channel_messages(studio.channel, include_ephemeral=False)
     for jobs in records:  # the queue card (Queued, then Running, Done): the only message naming the job
@@ -110,18 +110,18 @@ async def test_a_request_answered_without_its_first_response_stops_counting_as_u
     """The burst rule counts unanswered requests; one answered another way (here: a crash the
     error handler answers) must leave that count when its timer fires, or every later request
     would be deferred at once."""
-    requests = studio.bot.requests
-    real = requests.cancel_command
+    actions = studio.bot.wiring.actions
+    real = actions.cancel
 
     async def crash(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("injected")
 
     before = FirstResponse.unanswered
-    requests.cancel_command = crash  # type: ignore[method-assign]
+    actions.cancel = crash  # type: ignore[method-assign]
     try:
         inter = await studio.command(studio.new_member("crasher"), "cancel", {"job": "ABCDEFGH"})
     finally:
-        requests.cancel_command = real  # type: ignore[method-assign]
+        actions.cancel = real  # type: ignore[method-assign]
     assert inter.response is not None and inter.response.ephemeral
     await asyncio.sleep(DEFER_AFTER_SECONDS + 0.5)
     assert FirstResponse.unanswered == before

@@ -35,7 +35,7 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             posted_id, posted = await generate(studio, alice, {"prompt": "before the restart", "steps": 1})
 
             # A job that ends "done" but whose result the bot never gets to post.
-            delivery = first.services.delivery
+            delivery = first.wiring.delivery
             real_post, reached = delivery.post_result, asyncio.Event()
 
             async def never_posts(record: Any, result: Any, *, status_message_id: int | None) -> Any:
@@ -60,14 +60,14 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             ids = {name: assert_queued(card) for name, card in cards.items()}
             await wait_status(studio, cards["running"], "Running")
             # Paused by a moderator as it stops: the pause is stored and outlives the restart.
-            await first.services.set_paused(EVERYWHERE, True)  # the operator's pause
+            await first.wiring.set_paused(EVERYWHERE, True)  # the operator's pause
         # Leaving the block shut the first bot down with no grace: the running job was requeued.
         assert not results_for(studio, ids["running"])
 
         # ------------------------------------------------------------ the second bot
         async with open_bot(sb, settings) as second:
             studio = Studio(sb=sb, bot=second, **world)
-            jobs = second.services.jobs
+            jobs = second.wiring.jobs
 
             # The unposted result is posted, replying to its status message; the others run.
             late = await studio.result_of(unposted_id, timeout=60)
@@ -76,14 +76,14 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             await wait_status(studio, unposted, "Done")
 
             # The second bot starts paused; the Cancel button on a card of the first bot works.
-            assert second.services.scheduler.paused
-            assert {v.job_id for v in second.services.scheduler.snapshot()} == set(ids.values())
+            assert second.wiring.scheduler.paused
+            assert {v.job_id for v in second.wiring.scheduler.snapshot()} == set(ids.values())
             cancel = await studio.click(carol, cards["queued-3"].original, "Cancel")
             assert "Cancelling" in (cancel.response.content or "") and cancel.response.ephemeral
             await wait_status(studio, cards["queued-3"], "Cancelled")
             cancelled_id = ids.pop("queued-3")
             every = {"posted": posted_id, "unposted": unposted_id, **ids}
-            await second.services.set_paused(EVERYWHERE, False)
+            await second.wiring.set_paused(EVERYWHERE, False)
 
             for name in ids:
                 await studio.result_of(ids[name], timeout=120)
@@ -115,7 +115,7 @@ async def test_jobs_survive_a_restart_and_old_buttons_keep_working(tiny_model_di
             # Ledger balanced: each job charged once and committed once, nothing refunded.
             entries = []
             for member in (alice, bob, carol):
-                entries += await second.services.quotas.ledger(world["guild"].id, member.id)
+                entries += await second.wiring.quotas.ledger(world["guild"].id, member.id)
             for name, job_id in every.items():
                 kinds = sorted(e.kind for e in entries if e.job_id == job_id)
                 assert kinds == ["commit", "reserve"], (name, kinds)

@@ -27,8 +27,10 @@ import pytest_asyncio
 from PIL import Image
 
 from config.settings import Settings
+from engine.api import EngineClient, EngineHealth, ImageOut, Result
 from engine.client import LocalEngineClient
-from engine.spec import EngineClient, EngineHealth, ImageOut, Job, Progress, Refine, Result, Text2Img
+from engine.jobs import Job, Refine, Text2Img
+from engine.jobs.events import Progress
 from sandbox import Channel, Message
 from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 from tests.bot.test_safety import encode, skin_figure
@@ -138,7 +140,7 @@ def note(message: Message) -> str:
 
 async def assert_posted_image_is_explicit(studio: Studio, message: Message) -> None:
     """What was posted is what the real detector flags (so the channel rule, not luck, posted it)."""
-    verdict = await studio.bot.services.safety.check(studio.sb.file_bytes(message.attachments[0]))
+    verdict = await studio.bot.wiring.safety.check(studio.sb.file_bytes(message.attachments[0]))
     assert verdict.explicit and verdict.labels == EXPLICIT_LABELS, verdict
 
 
@@ -150,7 +152,7 @@ async def test_withhold_keeps_an_explicit_image_out_of_a_normal_channel(studio: 
     assert "1 image(s) withheld" in note(result) and "not age-restricted" in note(result)
     status = await withhold.status_text(job_id, "Done")
     assert str(result.id) in status.content and not status.attachments
-    record = await withhold.bot.services.jobs.get(job_id)
+    record = await withhold.bot.wiring.jobs.get(job_id)
     assert record is not None and record.status == "done"
 
 
@@ -194,7 +196,7 @@ async def test_with_safety_disabled_nothing_is_withheld(studio: Studio, figure_p
     job_id, result = await refine(disabled, figure_png, disabled.channel)
     assert [a.filename for a in result.attachments] == [f"{job_id}-1.png"]
     assert note(result) == ""
-    assert not disabled.bot.services.safety.loaded  # the classifier is not even loaded
+    assert not disabled.bot.wiring.safety.loaded  # the classifier is not even loaded
 
 
 @on("withhold")
@@ -213,7 +215,7 @@ async def test_clean_images_in_a_normal_channel_are_posted(studio: Studio) -> No
 async def test_explicit_previews_are_shown_only_in_age_restricted_channels(
     studio: Studio, where: str, figure_png: bytes
 ) -> None:
-    engine: IdentityRefineEngine = studio.bot.services.engine.inner  # type: ignore[attr-defined]
+    engine: IdentityRefineEngine = studio.bot.wiring.engine.inner  # type: ignore[attr-defined]
     engine.preview, engine.hold = encode(skin_figure(128), "JPEG"), asyncio.Event()
     try:
         member = studio.new_member("previewer")

@@ -59,7 +59,7 @@ async def say(studio: Studio, user, name: str, options=None, *, channel=None) ->
 async def test_another_servers_owner_cannot_pause_see_or_cancel_this_servers_jobs(studio: Studio) -> None:
     other = Elsewhere(studio)
     await polled(lambda: studio.bot.get_guild(other.guild.id), "the new server")
-    services = studio.bot.services
+    services = studio.bot.wiring
     member = studio.new_member("home-member")
     # Eve pauses *her* server: the home server's jobs go on running.
     assert "paused" in await say(studio, other.eve, "mod pause", channel=other.channel)
@@ -97,7 +97,7 @@ async def test_a_paused_server_waits_while_the_others_run(studio: Studio) -> Non
         assert "paused by the moderators" in assert_queued(parked)
         home = await studio.command(studio.new_member("runner"), "generate", {"prompt": "runs", "steps": 1})
         await studio.result_of(job_id_of(assert_queued(home) and home))
-        record = await studio.bot.services.jobs.get(job_id_of(parked))
+        record = await studio.bot.wiring.jobs.get(job_id_of(parked))
         assert record is not None and record.status == "queued"
     finally:
         await say(studio, other.eve, "mod resume", channel=other.channel)
@@ -107,7 +107,7 @@ async def test_a_paused_server_waits_while_the_others_run(studio: Studio) -> Non
 async def test_the_operator_sees_and_pauses_everything(studio: Studio) -> None:
     operator = studio.sb.owner  # the application's owner
     studio.sb.add_member(studio.guild, operator)
-    services = studio.bot.services
+    services = studio.bot.wiring
     assert "Every server's queue is paused" in await say(studio, operator, "operator pause")
     try:
         assert services.scheduler.paused and (await services.moderation.get_settings(EVERYWHERE)).paused
@@ -196,16 +196,16 @@ async def test_a_deleted_jobs_images_are_gone_and_job_says_so(studio: Studio) ->
     inter = await studio.command(member, "generate", {"prompt": "delete me", "steps": 1})
     job_id = job_id_of(inter)
     result = await studio.result_of(job_id)
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None
-    paths = [studio.bot.services.outputs.root / image["path"] for image in record.images]
+    paths = [studio.bot.wiring.outputs.root / image["path"] for image in record.images]
     assert paths and all(path.exists() for path in paths)
     # A stranger cannot delete it; the owner can.
     assert_refused(await studio.click(studio.new_member("stranger"), result, "Delete"), "Only the person")
     assert_fast(await studio.click(member, result, "Delete"))
     await studio.sb.wait_until(lambda: studio.sb.world.messages[result.id].deleted, timeout=5, what="deletion")
     await polled(lambda: not any(path.exists() for path in paths), "the images deleted")
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None and record.deleted and record.images == []
     assert_refused(await studio.command(member, "job", {"id": job_id}), "was deleted")
 
@@ -222,7 +222,7 @@ async def test_a_forged_delete_cannot_remove_someone_elses_result(studio: Studio
     await inter.wait_response(5)
     assert_refused(inter, "not a result of this job")
     assert not studio.sb.world.messages[victim.id].deleted
-    own = await studio.bot.services.jobs.get(own_id)
+    own = await studio.bot.wiring.jobs.get(own_id)
     assert own is not None and not own.deleted
 
 
@@ -278,7 +278,7 @@ async def test_an_unlisted_server_gets_nothing(tiny_model_dir: Path, tmp_path: P
 async def test_a_members_cooldown(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = tiny_settings(tiny_model_dir, tmp_path, discord={"cooldown_uses": 2, "cooldown_seconds": 60})
     async with open_studio(settings) as studio:
-        studio.bot.services.scheduler.pause()
+        studio.bot.wiring.scheduler.pause()
         member = studio.new_member("hasty")
         for _ in range(2):
             assert_queued(await studio.command(member, "generate", {"prompt": "one", "steps": 1}))
@@ -289,14 +289,14 @@ async def test_forget_erases_a_members_prompts_and_images(studio: Studio) -> Non
     member = studio.new_member("forgetful")
     job_id = job_id_of(await studio.command(member, "generate", {"prompt": "my secret garden", "steps": 1}))
     await studio.result_of(job_id)
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None
-    paths = [studio.bot.services.outputs.root / image["path"] for image in record.images]
-    ledger = await studio.bot.services.quotas.ledger(studio.guild.id, member.id)
+    paths = [studio.bot.wiring.outputs.root / image["path"] for image in record.images]
+    ledger = await studio.bot.wiring.quotas.ledger(studio.guild.id, member.id)
     assert "Nothing" in await say(studio, member, "forget", {"confirm": False})
     text = await say(studio, member, "forget", {"confirm": True})
     assert "1 job" in text
-    record = await studio.bot.services.jobs.get(job_id)
+    record = await studio.bot.wiring.jobs.get(job_id)
     assert record is not None and "my secret garden" not in repr(record.params) and record.images == []
     assert not any(path.exists() for path in paths)
-    assert await studio.bot.services.quotas.ledger(studio.guild.id, member.id) == ledger  # sums stay
+    assert await studio.bot.wiring.quotas.ledger(studio.guild.id, member.id) == ledger  # sums stay

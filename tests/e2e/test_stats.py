@@ -30,7 +30,7 @@ async def studio(tiny_model_dir: Path, studio_dir: Path) -> AsyncIterator[Studio
 
 
 async def test_moderators_see_the_last_24_hours(studio: Studio) -> None:
-    services = studio.bot.services
+    services = studio.bot.wiring
     alice, bob = studio.new_member("stats-alice"), studio.new_member("stats-bob")
     done = []
     for prompt in ("a harbour", "a mill"):

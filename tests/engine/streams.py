@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from engine.spec import Progress, Result
+from engine.api import Result
+from engine.jobs.events import Progress
 
 
 async def collect(stream: AsyncIterator[Progress | Result]) -> tuple[list[Progress], Result]:

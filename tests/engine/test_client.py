@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import re
@@ -19,29 +18,16 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from config.settings import Settings, load_settings
+from config.settings import Settings
+from engine.api import EngineClient, EngineError, JobCancelled, Result
 from engine.client import LocalEngineClient
+from engine.jobs import Text2Img
+from engine.jobs.events import Progress
 from engine.pnginfo import read_parameters
-from engine.spec import EngineClient, EngineError, JobCancelled, Progress, Result, Text2Img
+from tests.engine.conftest import tiny_settings
 from tests.engine.streams import collect
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-ENGINE = {"device": "cpu", "dtype": "fp32", "preview_every": 2, "preview_size": 64, "start_timeout": 300}
-
-
-def tiny_settings(directory: Path, models: dict[str, dict[str, Any]], **engine: Any) -> Settings:
-    """Settings whose [models] are exactly `models` (the shipped hub model replaced)."""
-    lines = ["[engine]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in {**ENGINE, **engine}.items()]
-    for name, table in models.items():
-        lines.append(f"[models.{json.dumps(name)}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
-    path = directory / "atelier.toml"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_CONFIG", str(path))
-        return load_settings()
 
 
 def job(job_id: str, steps: int = 3, size: int = 128, **fields: Any) -> Text2Img:

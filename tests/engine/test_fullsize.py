@@ -22,9 +22,9 @@ from engine.fullsize import (
     load_configs,
     parameter_counts,
 )
+from engine.jobs import Text2Img
 from engine.models import ModelRegistry
 from engine.pipelines import Runner
-from engine.spec import Text2Img
 from engine.tiny import BOS, EOS, write_tokenizer
 
 

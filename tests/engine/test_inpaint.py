@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.api import JobCancelled
 from engine.callbacks import JobSteps
 from engine.inpaint import denoise_mask, inpaint, inpaint_steps, inpaint_view, work_region, work_size
+from engine.jobs.events import Progress
 from engine.masks import pan_canvas, region_mask, zoom_canvas
-from engine.spec import JobCancelled, Progress
 
 STEPS = 4
 STRENGTH = 0.9  # int(4 · 0.9) = 3 steps run

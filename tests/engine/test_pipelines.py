@@ -18,22 +18,19 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from config.settings import EngineSettings, GenerationSettings
+from engine.api import JobCancelled
+from engine.jobs import Refine, Text2Img, Upscale, Variations
+from engine.jobs.events import Progress
 from engine.models import ModelRegistry
+from engine.options import SAMPLERS
 from engine.pipelines import Generated, Runner, fresh_pipeline, img2img_call_steps, new_scheduler, planned_steps
 from engine.prompts import PROMPT_CACHE_SIZE, clear_prompt_cache, encode_prompt, plain_text
 from engine.samplers import make_scheduler
-from engine.spec import SAMPLERS, JobCancelled, Progress, Refine, Text2Img, Upscale, Variations
 
 SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer when other work shares the CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

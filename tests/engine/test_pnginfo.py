@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engine.options import SAMPLERS
 from engine.pnginfo import (
     encode_image,
     format_parameters,
@@ -18,7 +19,6 @@ from engine.pnginfo import (
     read_parameters,
     read_parameters_text,
 )
-from engine.spec import SAMPLERS
 from engine.validate import clean_text
 
 PARAMS = {

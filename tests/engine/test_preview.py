@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.api import JobCancelled
 from engine.callbacks import JobSteps, cfg_cutoff
+from engine.jobs.events import Progress
 from engine.preview import SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS, grid, latents_to_rgb, preview_image, preview_jpeg
-from engine.spec import JobCancelled, Progress
 
 
 def test_linear_map_and_bias() -> None:

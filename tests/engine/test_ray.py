@@ -20,17 +20,10 @@ import pytest_asyncio
 from PIL import Image
 
 from config.settings import Settings, load_settings
+from engine.api import EngineError, JobCancelled
+from engine.jobs import Job, Refine, Text2Img, Upscale, Variations
+from engine.jobs.events import Progress
 from engine.pnginfo import read_parameters
-from engine.spec import (
-    EngineError,
-    Job,
-    JobCancelled,
-    Progress,
-    Refine,
-    Text2Img,
-    Upscale,
-    Variations,
-)
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
 pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install '.[ray]'")
@@ -305,7 +298,7 @@ async def test_killed_replica_fails_its_call_retryable(client: RayEngineClient) 
 async def test_scheduler_requeues_a_killed_replicas_job(client: RayEngineClient, tmp_path: Path) -> None:
     """The real scheduler over a real SQLite job store: the job of a killed replica goes back to
     the queue (attempt 2) and finishes; every job ends done."""
-    from bot.scheduler import Done, JobEvent, ProgressEvent, Scheduler
+    from bot.queue.scheduler import Done, JobEvent, ProgressEvent, Scheduler
     from config.settings import QueueSettings
     from db.jobs import JobStore
     from db.migrate import upgrade

@@ -19,10 +19,12 @@ from diffusers import (
 
 from config.settings import EngineSettings, GenerationSettings
 from engine.callbacks import X0Tap
+from engine.jobs import Text2Img, Variations
+from engine.jobs.events import Progress
 from engine.models import ModelRegistry
+from engine.options import SAMPLERS
 from engine.pipelines import Runner
 from engine.samplers import make_scheduler
-from engine.spec import SAMPLERS, Progress, Text2Img, Variations
 
 # SDXL's shipped scheduler config (EulerDiscreteScheduler, "leading" spacing).
 SDXL_CONFIG = EulerDiscreteScheduler(
@@ -100,12 +102,7 @@ def test_x0_is_visible_for_previews(name) -> None:
 # --- every sampler in every mode, on the tiny model ----------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

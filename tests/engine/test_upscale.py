@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from config.settings import EngineSettings, GenerationSettings
+from engine.jobs import Text2Img, Upscale
+from engine.jobs.events import Progress
 from engine.models import ModelRegistry
 from engine.pipelines import Runner
-from engine.spec import Progress, Text2Img, Upscale
 from engine.upscale import (
     LanczosUpscaler,
     Tile,
@@ -184,12 +185,7 @@ def test_spandrel_model_with_tiles(tmp_path) -> None:
 # --- the real upscale job ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ import struct
 import time
 import tracemalloc
 import zlib
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine.spec import Refine, Text2Img, Upscale, Variations
+from engine.jobs import JobBase, Limits, Refine, Text2Img, Upscale, Variations
 from engine.validate import (
     MAX_SEED,
     ValidationFailed,
@@ -37,7 +38,6 @@ from engine.validate import (
     input_work_size,
     prepare_input_image,
     probe_image,
-    validate_job,
 )
 
 MB = 1024 * 1024
@@ -351,6 +351,10 @@ def job_limits() -> dict:
         "max_attachment_pixels": 2048 * 2048,
         "upscale_max_side": 2048,
     }
+
+
+def validate_job(job: JobBase, **limits: Any) -> None:
+    job.check(Limits(**limits))
 
 
 def test_validate_job_accepts_good_jobs() -> None:

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import multiprocessing
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from config.settings import Settings, load_settings
+from config.settings import Settings
+from engine.jobs import Refine, Text2Img, Upscale, Variations
+from engine.jobs.events import Progress
 from engine.pnginfo import read_parameters
 from engine.protocol import (
     Cancel,
@@ -32,26 +32,11 @@ from engine.protocol import (
     Submit,
     WorkerConfig,
 )
-from engine.spec import Progress, Refine, Text2Img, Upscale, Variations
 from engine.validate import prepare_input_image
 from engine.worker import worker_main
+from tests.engine.conftest import tiny_settings
 
-ENGINE = {"device": "cpu", "dtype": "fp32", "preview_every": 2, "preview_size": 64, "start_timeout": 300}
 START_TIMEOUT = 300.0
-
-
-def tiny_settings(directory: Path, models: dict[str, dict[str, Any]], **engine: Any) -> Settings:
-    """Settings whose [models] are exactly `models` (the shipped hub model replaced)."""
-    lines = ["[engine]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in {**ENGINE, **engine}.items()]
-    for name, table in models.items():
-        lines.append(f"[models.{json.dumps(name)}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
-    path = directory / "atelier.toml"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_CONFIG", str(path))
-        return load_settings()
 
 
 def worker_config(settings: Settings, **overrides: Any) -> WorkerConfig:

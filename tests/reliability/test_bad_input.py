@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from sqlalchemy import select
 
-from bot.app import mistyped_option
+from bot.tree import mistyped_option
 from db.models import Ban, BlocklistPattern, GuildSettings, LedgerEntry, QuotaRoleLimit, QuotaUserOverride
 from sandbox import InteractionRecord, Message, User
 from sandbox.command_registry import ATTACHMENT, BOOLEAN, CHANNEL, INTEGER, MENTIONABLE, NUMBER, ROLE, STRING, USER
@@ -209,20 +209,20 @@ async def moderation_state(studio: Studio) -> list[Any]:
     """Everything a moderator action can change, as plain tuples."""
     tables = (GuildSettings, QuotaUserOverride, QuotaRoleLimit, Ban, BlocklistPattern)
     state: list[Any] = []
-    async with studio.bot.services.db.session(write=False) as s:
+    async with studio.bot.wiring.db.session(write=False) as s:
         for table in tables:
             rows = (await s.execute(select(table))).scalars().all()
             columns = [c.name for c in table.__table__.columns if c.name not in ("updated_at", "created_at")]
             state.append(sorted(repr(tuple(getattr(r, c) for c in columns)) for r in rows))
         grants = select(LedgerEntry).where(LedgerEntry.kind.in_(("grant", "reset")))
         state.append(sorted(repr((e.user_id, e.kind, e.units)) for e in (await s.execute(grants)).scalars()))
-    state.append(studio.bot.services.scheduler.paused)
-    state.append(studio.bot.services.scheduler.server_paused(studio.guild.id))
+    state.append(studio.bot.wiring.scheduler.paused)
+    state.append(studio.bot.wiring.scheduler.server_paused(studio.guild.id))
     return state
 
 
 async def charged(studio: Studio, member: User) -> tuple[list[Any], list[Any]]:
-    services = studio.bot.services
+    services = studio.bot.wiring
     ledger = await services.quotas.ledger(studio.guild.id, member.id)
     jobs = await services.jobs.list_for_user(
         studio.guild.id, member.id, ("queued", "running", "done", "failed", "cancelled")
@@ -243,7 +243,7 @@ async def check_answer(studio: Studio, logs: LogCapture, member: User, inter: In
     assert not new_errors(logs, start), new_errors(logs, start)
     if not ephemeral:
         assert text.startswith("Queued"), f"a public answer that is not a queue card: {text!r}"
-        await studio.bot.requests.cancel_all_for(studio.guild.id, member.id)
+        await studio.bot.wiring.actions.cancel_all_for(studio.guild.id, member.id)
         return text
     ledger, jobs = await charged(studio, member)
     assert ledger == [] and jobs == [], f"{text!r} charged {ledger} / created {jobs} for {inter.data}"
@@ -268,7 +268,7 @@ async def victim(studio: Studio) -> tuple[User, str, Message, InteractionRecord]
     owner = studio.new_member("victim")
     job_id = job_id_of(await studio.command(owner, "generate", {"prompt": "a guarded vault"}))
     result = await studio.result_of(job_id)
-    studio.bot.services.scheduler.pause()  # keeps the second job queued until the last test
+    studio.bot.wiring.scheduler.pause()  # keeps the second job queued until the last test
     card = await studio.command(owner, "generate", {"prompt": "a second vault"})
     return owner, job_id, result, card
 
@@ -296,7 +296,7 @@ async def test_hostile_payloads_for_every_member_command_and_option(
 
 async def test_the_member_fuzz_reached_every_command_and_left_the_books_balanced(studio: Studio) -> None:
     assert {path for path, _ in leaves(studio, moderator=False)} - SEEN["member"] <= {"model list", "quota", "queue"}
-    await assert_invariants(studio.sb, studio.bot.services.db, guild_id=studio.guild.id)
+    await assert_invariants(studio.sb, studio.bot.wiring.db, guild_id=studio.guild.id)
 
 
 @FUZZ
@@ -349,11 +349,11 @@ async def test_nobody_else_reached_the_victims_work_or_any_moderator_action(
     assert "Only the person" in (await answer_of(await studio.click(stranger, result, "Delete")))[0]
     assert "only cancel your own" in (await answer_of(await studio.click(stranger, card.original, "Cancel")))[0]
     assert not result.deleted and card.original is not None
-    queued = await studio.bot.services.jobs.get(job_id_of(card))
+    queued = await studio.bot.wiring.jobs.get(job_id_of(card))
     assert queued is not None and queued.status == "queued"
-    studio.bot.services.scheduler.resume()
+    studio.bot.wiring.scheduler.resume()
     assert await moderation_state(studio) == state_before
-    await assert_invariants(studio.sb, studio.bot.services.db, guild_id=studio.guild.id)
+    await assert_invariants(studio.sb, studio.bot.wiring.db, guild_id=studio.guild.id)
 
 
 async def test_the_token_is_in_no_log_or_answer_after_all_that(studio: Studio, all_logs: LogCapture) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 import bot.storage
-from bot.scheduler import JobEvent, ProgressEvent, Started
+from bot.queue.scheduler import JobEvent, ProgressEvent, Started
 from sandbox import User
 from studio.harness import Studio, job_id_of
 from tests.e2e.refusals import assert_fast, assert_queued
@@ -47,7 +47,7 @@ KILL_EVERY_JOB = os.environ.get("ATELIER_KILL_EVERY_JOB") == "1"
 
 async def queue_paused(studio: Studio, requests: list[tuple[User, dict[str, Any]]]) -> list[str]:
     """Queue jobs while the queue is paused, so faults can be armed before any runs."""
-    studio.bot.services.scheduler.pause()
+    studio.bot.wiring.scheduler.pause()
     ids = []
     for member, options in requests:
         inter = await studio.command(member, "generate", options)
@@ -72,7 +72,7 @@ class Killer:
 
     @property
     def engine(self) -> Any:
-        return self.studio.bot.services.engine.inner  # type: ignore[attr-defined]
+        return self.studio.bot.wiring.engine.inner  # type: ignore[attr-defined]
 
     def kill(self, job_id: str, phase: str) -> None:
         pid = self.engine.pid
@@ -137,16 +137,16 @@ async def test_engine_killed_in_every_phase_of_20_jobs(studio: Studio) -> None:
     for n, job_id in enumerate(victims):
         plan[job_id] = [("decode", "encode", "base", "refiner")[n % 4]]
     killer = Killer(studio, plan)
-    remove = studio.bot.services.scheduler.on_event(killer)
+    remove = studio.bot.wiring.scheduler.on_event(killer)
     bystander = studio.new_member("kill-bystander")
     try:
-        studio.bot.services.scheduler.resume()
+        studio.bot.wiring.scheduler.resume()
         # Whatever the engine is doing (crashing, restarting), commands are answered in time.
         await studio.sb.wait_until(lambda: len(killer.kills) >= 2, timeout=60, what="two engine kills")
         assert_fast(await studio.command(bystander, "quota"))
         assert_queued(await studio.command(bystander, "generate", {"prompt": "meanwhile", "steps": 2}))
         audit = await assert_invariants(
-            studio.sb, studio.bot.services.db, accepted=ids, guild_id=studio.guild.id, settle_timeout=400
+            studio.sb, studio.bot.wiring.db, accepted=ids, guild_id=studio.guild.id, settle_timeout=400
         )
     finally:
         remove()
@@ -158,7 +158,7 @@ async def test_engine_killed_in_every_phase_of_20_jobs(studio: Studio) -> None:
     assert "3 times" in (jobs[doomed].error or "")
     # A kill may also hit a job the scheduler sent ahead to the engine: retried, still done.
     assert all(jobs[j].status == "done" for j in others), {j: (jobs[j].status, jobs[j].error) for j in others}
-    assert studio.bot.services.engine.inner.pid not in {pid for _, _, pid in killer.kills}  # type: ignore[attr-defined]
+    assert studio.bot.wiring.engine.inner.pid not in {pid for _, _, pid in killer.kills}  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- Discord faults
@@ -171,7 +171,7 @@ async def test_gateway_drops_and_upload_errors_lose_and_duplicate_nothing(studio
     limited = sb.inject_fault("POST", RESULT_POSTS, status=429, count=3, retry_after=0.05)
     broken = sb.inject_fault("POST", RESULT_POSTS, status=500, count=2)
     resumes, identifies = sb.gateway.resume_count, sb.gateway.identify_count
-    studio.bot.services.scheduler.resume()
+    studio.bot.wiring.scheduler.resume()
     await sb.drop_gateway(abrupt=True)
     await sb.wait_resumed(resumes + 1, timeout=30)
     # Commands sent right after the resume are answered and queued.
@@ -185,7 +185,7 @@ async def test_gateway_drops_and_upload_errors_lose_and_duplicate_nothing(studio
     later = await studio.command(members[3], "generate", {"prompt": "after the new session", "steps": 2})
     assert_queued(later)
     ids.append(job_id_of(later))
-    audit = await assert_invariants(sb, studio.bot.services.db, accepted=ids, guild_id=studio.guild.id)
+    audit = await assert_invariants(sb, studio.bot.wiring.db, accepted=ids, guild_id=studio.guild.id)
     assert limited.hits == 3 and broken.hits == 2
     assert all(audit.jobs[j].status == "done" for j in ids)
 
@@ -245,8 +245,8 @@ async def test_a_full_output_disk_still_posts_every_result_once(
     ids = await queue_paused(
         studio, [(m, {"prompt": f"a crowded attic {i}", "steps": 2}) for i, m in enumerate(members)]
     )
-    studio.bot.services.scheduler.resume()
-    audit = await assert_invariants(studio.sb, studio.bot.services.db, accepted=ids, guild_id=studio.guild.id)
+    studio.bot.wiring.scheduler.resume()
+    audit = await assert_invariants(studio.sb, studio.bot.wiring.db, accepted=ids, guild_id=studio.guild.id)
     assert disk.failures >= len(ids)
     assert all(audit.jobs[j].status == "done" for j in ids)
     leftovers = files_under(Path(studio.bot.settings.storage.output_dir), "*.tmp")
@@ -260,7 +260,7 @@ async def test_a_full_output_disk_still_posts_every_result_once(
     job = job_of(inter)
     if job is None:
         assert inter.response is not None and inter.response.ephemeral, inter.response
-    await assert_invariants(studio.sb, studio.bot.services.db, accepted=[job] if job else [], guild_id=studio.guild.id)
+    await assert_invariants(studio.sb, studio.bot.wiring.db, accepted=[job] if job else [], guild_id=studio.guild.id)
 
 
 # ---------------------------------------------------------------------------- database locked
@@ -296,7 +296,7 @@ async def test_a_database_locked_by_another_writer_delays_but_loses_nothing(stud
     await locked.wait()
     loop.call_later(2.5, release.set)
     # While another writer holds the lock: jobs want to start and finish, members send commands.
-    studio.bot.services.scheduler.resume()
+    studio.bot.wiring.scheduler.resume()
     during = await asyncio.gather(
         *(
             studio.sb.slash(m, studio.channel, "generate", {"prompt": "during the lock", "steps": 2})
@@ -311,9 +311,7 @@ async def test_a_database_locked_by_another_writer_delays_but_loses_nothing(stud
     for inter in during:
         await settle_answer(inter)
     accepted = [j for j in (job_of(i) for i in during) if j]
-    audit = await assert_invariants(
-        studio.sb, studio.bot.services.db, accepted=ids + accepted, guild_id=studio.guild.id
-    )
+    audit = await assert_invariants(studio.sb, studio.bot.wiring.db, accepted=ids + accepted, guild_id=studio.guild.id)
     assert all(audit.jobs[j].status == "done" for j in ids)
 
 
@@ -339,9 +337,9 @@ async def test_a_lock_held_past_the_busy_timeout_while_a_job_finishes_loses_noth
         if event.progress.phase == "encode":
             computed.set()
 
-    remove = studio.bot.services.scheduler.on_event(lock_while_it_runs)
+    remove = studio.bot.wiring.scheduler.on_event(lock_while_it_runs)
     try:
-        studio.bot.services.scheduler.resume()
+        studio.bot.wiring.scheduler.resume()
         await asyncio.wait_for(locked.wait(), 60)
         await asyncio.wait_for(computed.wait(), 60)
         # The result is in; its mark_done now waits for the lock. Hold it until the bot gave up
@@ -355,7 +353,7 @@ async def test_a_lock_held_past_the_busy_timeout_while_a_job_finishes_loses_noth
         release.set()
         await holder[0]
         await assert_invariants(
-            studio.sb, studio.bot.services.db, accepted=[job_id], guild_id=studio.guild.id, settle_timeout=10
+            studio.sb, studio.bot.wiring.db, accepted=[job_id], guild_id=studio.guild.id, settle_timeout=10
         )
     finally:
         release.set()
@@ -372,7 +370,7 @@ async def test_the_token_is_in_no_log_error_or_transcript(studio: Studio, all_lo
 
     member = studio.new_member("last-one")
     (job_id,) = await queue_paused(studio, [(member, {"prompt": "a closing door", "steps": 2})])
-    studio.bot.services.scheduler.resume()
+    studio.bot.wiring.scheduler.resume()
     await studio.result_of(job_id)
     token = studio.sb.token
     assert token and all_logs.lines, "nothing was logged"

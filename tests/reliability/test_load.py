@@ -33,8 +33,7 @@ import pytest
 import pytest_asyncio
 
 from db.ledger import EPSILON
-from engine.cost import cost_units
-from engine.spec import Text2Img
+from engine.jobs import Text2Img
 from sandbox import Channel, Guild, InteractionRecord, Message, Sandbox, User
 from studio.harness import build_world
 from tests.reliability.answers import DEFERRED, final_text, job_of, settle_answer
@@ -48,7 +47,7 @@ WAVE = 50
 WAVE_GAP = 2.0
 WINDOW = 3.0
 # What one 256², 2-step image costs; a member may spend two and a half (a third image is refused).
-UNIT = cost_units(Text2Img(job_id="x", model="tiny-base", prompt="x", width=256, height=256, steps=2))
+UNIT = Text2Img(job_id="x", model="tiny-base", prompt="x", width=256, height=256, steps=2).cost()
 LIMIT = round(2.5 * UNIT, 6)
 PER_USER_CAP = 3
 # After the drain, over the second wave: room for discord.py's message cache (1000 messages) and the
@@ -223,7 +222,7 @@ def owners_costs(audit: Any) -> tuple[dict[str, int], dict[str, float]]:
 
 
 def fairness_violations(log: QueueTimes, owner: dict[str, int], cost: dict[str, float]) -> tuple[list[str], int]:
-    """Start-time fair queuing (bot.fairqueue): while two members both have jobs waiting the whole
+    """Start-time fair queuing (bot.queue.fairqueue): while two members both have jobs waiting the whole
     time, the units started for each differ by at most the larger of their largest job costs.
     Checked for every pair of members over each overlap of their waiting periods; a FIFO queue
     breaks it when a member's second job starts before a later member's first."""

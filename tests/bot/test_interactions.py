@@ -1,4 +1,4 @@
-"""bot.answer: when a first response is deferred (the timer, and the burst rule)."""
+"""bot.interactions: when a first response is deferred (the timer, and the burst rule)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import discord
 
-from bot.answer import BACKLOG_BUSY, BACKLOG_REQUESTS, FirstResponse
+from bot.interactions import BACKLOG_BUSY, BACKLOG_REQUESTS, FirstResponse
 
 
 class FakeResponse:

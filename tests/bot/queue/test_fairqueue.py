@@ -1,4 +1,4 @@
-"""bot.fairqueue: band order, start-time fair queuing, aging, caps, front pushes, batching."""
+"""bot.queue.fairqueue: band order, start-time fair queuing, aging, caps, front pushes, batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from bot.fairqueue import FairQueue, QueueEntry, QueueFull
+from bot.queue.fairqueue import FairQueue, QueueEntry, QueueFull
 
 
 class Clock:

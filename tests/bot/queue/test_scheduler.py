@@ -1,4 +1,4 @@
-"""bot.scheduler (with bot.eta): dispatch, outcomes, events, cancel, stop/restart, recovery.
+"""bot.queue.scheduler (with bot.queue.eta): dispatch, outcomes, events, cancel, stop/restart, recovery.
 
 Most tests use the second implementations in tests/bot/fakes.py (a dict job store with the real
 transition rules, an in-process engine); the restart tests at the end use the real
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bot.eta import EtaEstimator
-from bot.scheduler import (
+from bot.queue.eta import EtaEstimator
+from bot.queue.scheduler import (
     Cancelled,
     Done,
     Failed,
@@ -670,7 +670,7 @@ def test_eta_estimator() -> None:
 
 
 async def test_new_jobs_learn_their_place_at_once_and_moves_are_told_at_most_every_half_second() -> None:
-    from bot.scheduler import MOVES_EVERY
+    from bot.queue.scheduler import MOVES_EVERY
 
     store = MemoryJobStore()
     sched = make_scheduler(store, FakeEngine(), per_user_cap=10, global_cap=100)

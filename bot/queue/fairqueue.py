@@ -1,6 +1,6 @@
 """The order jobs run in: priority bands, fair sharing between users inside a band, aging, caps.
 
-A pure, synchronous data structure (no asyncio, no database): ``bot.scheduler`` owns one and
+A pure, synchronous data structure (no asyncio, no database): ``bot.queue.scheduler`` owns one and
 does the I/O around it.
 
 Order
@@ -60,32 +60,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from bot.errors import CapReason, QueueFull
 
 __all__ = ["CapReason", "FairQueue", "QueueEntry", "QueueFull"]
 
-CapReason = Literal["user_cap", "global_cap"]
-
 MIN_TAG_COST = 0.01
 """Smallest cost used for virtual-clock tags, so a burst of free jobs is still interleaved."""
-
-
-class QueueFull(Exception):
-    """The queue refuses a job. ``reason`` is ``"user_cap"`` or ``"global_cap"``; ``str(exc)``
-    tells the user what to do."""
-
-    def __init__(self, reason: CapReason, *, limit: int, message: str | None = None) -> None:
-        if message is None:
-            if reason == "user_cap":
-                message = (
-                    f"You already have {limit} job{'s' if limit != 1 else ''} waiting, the most allowed. "
-                    "Wait for one to finish, or cancel one with /cancel."
-                )
-            else:
-                message = f"The queue is full ({limit} jobs). Please try again in a few minutes."
-        super().__init__(message)
-        self.reason: CapReason = reason
-        self.limit = limit
 
 
 @dataclass(eq=False)

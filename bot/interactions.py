@@ -1,4 +1,5 @@
-"""The first response to a command or click, guaranteed within Discord's 3 s.
+"""Answering an interaction: the first response, guaranteed within Discord's 3 s, and the one
+way every command, button and error handler tells a member something (`say`, `guarded`).
 
 A request answers itself as soon as it knows the outcome (a public queue card or an ephemeral
 refusal). Under a burst the request path can take longer than Discord allows, so a timer defers
@@ -17,11 +18,16 @@ import asyncio
 import functools
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
 
+from bot.errors import member_text
+
 log = logging.getLogger(__name__)
+
+CONTENT_LIMIT = 2000
 
 # Half of Discord's 3 s: the deferral itself still arrives in time when the event loop lags by
 # up to 1.5 s (seen under the 500-member load test with 2.0 here: one answer past 3 s).
@@ -160,10 +166,10 @@ class FirstResponse:
                 if response.message_id is not None:
                     return response.message_id
                 return (await self.interaction.original_response()).id
-            channel = self.interaction.channel
+            channel: Any = self.interaction.channel
             if channel is None or not hasattr(channel, "send"):
                 channel = self.interaction.client.get_partial_messageable(self.interaction.channel_id or 0)
-            message = await channel.send(text, view=view)  # type: ignore[union-attr]
+            message = await channel.send(text, view=view)
             await self.interaction.edit_original_response(content=f"Your job is queued: {message.jump_url}")
             return message.id
 
@@ -174,3 +180,46 @@ def first_response(interaction: discord.Interaction) -> FirstResponse:
     if answer is None:
         answer = interaction.extras["first_response"] = FirstResponse(interaction)
     return answer
+
+
+def custom_id_of(interaction: discord.Interaction) -> str:
+    """The custom_id of a component click or a modal (empty for a command)."""
+    data: dict[str, Any] = dict(interaction.data or {})
+    return str(data.get("custom_id") or "")
+
+
+async def say(interaction: discord.Interaction, text: str, **kwargs: Any) -> None:
+    """An ephemeral answer, whether or not the interaction was answered (or deferred) already."""
+    text = text[:CONTENT_LIMIT]
+    try:
+        answer = interaction.extras.get("first_response")
+        if answer is not None:
+            await answer.ephemeral(text, **kwargs)
+        elif interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True, **kwargs)
+        else:
+            await interaction.response.send_message(text, ephemeral=True, **kwargs)
+    except discord.HTTPException as exc:
+        log.warning("could not answer interaction %s: %s %s", interaction.id, exc.status, exc.text)
+
+
+async def guarded(interaction: discord.Interaction, work: Callable[[], Awaitable[None]]) -> None:
+    """Run a request's work under its first response: in a burst it starts once the deferrals on
+    their way are sent; a refusal (bot.errors) becomes an ephemeral answer; nothing is left
+    unanswered, and an unexpected error is logged and told as such (nothing was charged: every
+    charge is the last step of a request)."""
+    answer = first_response(interaction)
+    try:
+        await answer.answers_first()
+        await work()
+    except Exception as exc:
+        text = member_text(exc)
+        if text is None:
+            custom_id = custom_id_of(interaction)
+            log.exception(
+                "request %s by %s failed (interaction %s)", custom_id or "", interaction.user.id, interaction.id
+            )
+            text = "Something went wrong on my side. Nothing was charged; please try again."
+        await say(interaction, text)
+    finally:
+        answer.stop()

@@ -1,0 +1,1 @@
+"""The queue: fair order (fairqueue), dispatch to the engine (scheduler), ETAs (eta)."""

@@ -1,0 +1,243 @@
+"""What every job is: the fields all kinds share, the entry that ties a kind together, what a job
+costs, how it is checked, and how it is stored and read back.
+
+A job crosses a process boundary (pickled over a pipe, or sent to a Ray replica), so it holds only
+plain values and encoded image bytes, never tensors or PIL images. In the job store it is JSON:
+the spec's fields, flat, with `v` (the schema version, so jobs stored by an older Atelier still
+load) and what the bot knows of how the job came to be (`JobOrder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+from engine import validate
+from engine.options import CFG, DEFAULT_SAMPLER, STEPS, STRENGTH
+
+SCHEMA_VERSION = 1
+# 1.0 compute unit = one 1024×1024 image denoised for 30 steps (see JobBase.cost).
+REFERENCE_PIXELS = 1024 * 1024
+REFERENCE_STEPS = 30
+
+
+def units(pixels: int, steps: int, images: int = 1) -> float:
+    """Compute units of `images` images of `pixels` pixels denoised for `steps` steps."""
+    return round(pixels / REFERENCE_PIXELS * steps / REFERENCE_STEPS * images, 4)
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Steps diffusers really runs for an img2img call (at least one): int(steps × strength)."""
+    return max(1, int(steps * strength))
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Per-image seeds of a batch: seed, seed+1, … (wrapping at 2**32), as A1111 does, so image i
+    of a batch can be reproduced alone with count=1."""
+    return [(seed + i) % 2**32 for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a job is checked against: the operator's models and caps."""
+
+    models: Collection[str]
+    max_prompt_chars: int
+    max_attachment_bytes: int
+    max_attachment_pixels: int
+    upscale_max_side: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobBase:
+    """Fields every job shares. `model` is a registry name; "" means the default model."""
+
+    job_id: str
+    prompt: str = ""
+    negative: str = ""
+    steps: int = STEPS.default
+    cfg: float = CFG.default
+    seed: int = 0
+    sampler: str = DEFAULT_SAMPLER
+    model: str = ""
+    # Largest encoded size of one image, in bytes; over it the engine falls back to WebP/JPEG.
+    max_image_bytes: int | None = None
+
+    kind: ClassVar[str] = ""
+    prompt_required: ClassVar[bool] = False
+
+    @property
+    def image_count(self) -> int:
+        return 1
+
+    def cost(self, input_size: tuple[int, int] | None = None) -> float:
+        """Compute units: pixels generated × steps actually run × images. `input_size` (the
+        fitted size the engine works at) prices jobs that start from an image."""
+        raise NotImplementedError
+
+    def check(self, limits: Limits) -> None:
+        """The engine's second line of defence: a job as the bot built it, checked again. Prompts
+        must already be clean: one with control characters is refused, not silently changed."""
+        if not isinstance(self.job_id, str) or not self.job_id:
+            raise validate.ValidationFailed("job_id", "The job has no id.")
+        for name, text, required in (("prompt", self.prompt, self.prompt_required), ("negative", self.negative, False)):
+            cleaned = validate.check_prompt(text, max_chars=limits.max_prompt_chars, field=name, required=required)
+            if cleaned != text:
+                raise validate.ValidationFailed(name, f"The {name} contains control characters or surrounding spaces.")
+        validate.check_steps(self.steps)
+        validate.check_cfg(self.cfg)
+        validate.check_seed(self.seed)
+        validate.check_sampler(self.sampler)
+        validate.check_model(self.model, limits.models)
+        if self.max_image_bytes is not None:
+            validate.check_image_byte_limit(self.max_image_bytes)
+
+    def image_params(self, *, refiner: str | None, refiner_switch: float) -> dict[str, Any]:
+        """What this kind adds to the A1111 `parameters` written into each image (besides the
+        prompt, steps, sampler, cfg, seed, size and model every image has). `refiner` is the
+        model's refiner (None: it has none)."""
+        return {}
+
+    # ------------------------------------------------------------------ storage
+    def to_params(self) -> dict[str, Any]:
+        """Every field but the id and the image bytes (the image lives in the inputs folder)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("job_id", "image")}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, job_id: str, image: bytes | None = None) -> Self:
+        """A job from stored parameters; keys that are not fields (provenance, keys of a later
+        schema) are left out."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"job_id", "image"}
+        kwargs = {key: value for key, value in params.items() if key in names}
+        if image is not None:
+            kwargs["image"] = image
+        return cls(job_id=job_id, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageJob(JobBase):
+    """A job that starts from an image (the member's attachment, or a result's image)."""
+
+    image: bytes = field(default=b"", repr=False)
+    strength: float = STRENGTH.default
+
+    @property
+    def output_scale(self) -> int:
+        """The output is this many times the input's size, each side (an upscale: its factor)."""
+        return 1
+
+    def cost(self, input_size: tuple[int, int] | None = None) -> float:
+        if input_size is None:
+            raise ValueError("input_size is required to price a job that starts from an image")
+        width, height = input_size
+        pixels = width * self.output_scale * height * self.output_scale
+        return units(pixels, img2img_steps(self.steps, self.strength), self.image_count)
+
+    def check(self, limits: Limits) -> None:
+        super().check(limits)
+        validate.check_strength(self.strength)
+        validate.probe_image(self.image, max_bytes=limits.max_attachment_bytes, max_pixels=limits.max_attachment_pixels)
+
+    def image_params(self, *, refiner: str | None, refiner_switch: float) -> dict[str, Any]:
+        return {"strength": self.strength}
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One registry entry: everything that makes a kind a kind. `run` names the engine's call
+    ("module:function"), imported in the engine process only, so the bot never loads torch."""
+
+    name: str
+    label: str  # what members read on queue cards and results ("Refine")
+    spec: type[JobBase]
+    run: str
+
+
+# ---------------------------------------------------------------------- provenance and storage
+@dataclass(frozen=True)
+class Parent:
+    """The job a job was made from by a button: which action, on which of its images."""
+
+    job: str
+    action: str
+    index: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"job": self.job, "action": self.action}
+        if self.index is not None:
+            data["index"] = self.index
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Parent:
+        index = data.get("index")
+        return cls(str(data["job"]), str(data.get("action", "")), None if index is None else int(index))
+
+
+@dataclass(frozen=True)
+class JobOrder:
+    """A job as the job store keeps it: the spec, and how it came to be (what a Reroll and the
+    result's embed need beyond the spec)."""
+
+    spec: JobBase
+    parent: Parent | None = None
+    # Jobs that start from an image: the size it is worked at (it prices the job), and for an
+    # attachment the URL it was uploaded at (a Reroll fetches it again: inputs are not kept).
+    input_size: tuple[int, int] | None = None
+    input_url: str | None = None
+    aspect: str | None = None  # the aspect choice a text2img job was made with
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"v": SCHEMA_VERSION, **self.spec.to_params()}
+        if self.parent is not None:
+            data["parent"] = self.parent.to_json()
+        if self.input_size is not None:
+            data["input_size"] = list(self.input_size)
+        if self.input_url is not None:
+            data["input_url"] = self.input_url
+        if self.aspect is not None:
+            data["aspect"] = self.aspect
+        return data
+
+    @classmethod
+    def from_json(
+        cls, spec: type[JobBase], data: Mapping[str, Any], *, job_id: str, image: bytes | None = None
+    ) -> JobOrder:
+        data = upgrade(data)
+        parent = data.get("parent")
+        size = data.get("input_size")
+        return cls(
+            spec=spec.from_params(data, job_id=job_id, image=image),
+            parent=Parent.from_json(parent) if isinstance(parent, Mapping) and "job" in parent else None,
+            input_size=(int(size[0]), int(size[1])) if size else None,
+            input_url=data.get("input_url"),
+            aspect=data.get("aspect"),
+        )
+
+
+def upgrade(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Stored parameters in today's schema. Version 0 (before `v`): the input's file name was
+    stored as `input`; inputs are now found by job id."""
+    data = dict(data)
+    if int(data.get("v", 0)) < 1:
+        data.pop("input", None)
+        data["v"] = 1
+    return data
+
+
+__all__ = [
+    "REFERENCE_PIXELS",
+    "REFERENCE_STEPS",
+    "SCHEMA_VERSION",
+    "ImageJob",
+    "JobBase",
+    "JobKind",
+    "JobOrder",
+    "Limits",
+    "Parent",
+    "image_seeds",
+    "img2img_steps",
+    "units",
+]

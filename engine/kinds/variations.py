@@ -1,0 +1,17 @@
+"""Variations: the base's img2img of one image, `count` seeds in one batched call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from engine.callbacks import JobSteps
+from engine.jobs import Variations, image_seeds
+from engine.pipelines import Generated, Runner, open_image
+
+
+def run(runner: Runner, model: Any, job: Variations, track: Callable[[int], JobSteps]) -> list[Generated]:
+    image = open_image(job.image)
+    seeds = image_seeds(job.seed, job.count)
+    images = runner.img2img(model.img2img, job, image, seeds, phase="base", strength=job.strength, track=track)
+    return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
