@@ -123,8 +123,8 @@ def result_view(job_id: str, image_count: int) -> discord.ui.View:
     offered = ResultButton.offered.values()
     if image_count <= 1:
         singles = sorted((b for b in offered if b.single is not None), key=lambda b: b.single or 0)
-        for place, button in enumerate(singles):
-            view.add_item(button.make(job_id, 0, row=place // ROW_WIDTH))
+        for button in singles:  # a place's row is place // 5: gaps in the places start new rows
+            view.add_item(button.make(job_id, 0, row=(button.single or 0) // ROW_WIDTH))
         return view
     rows = sorted((b for b in offered if b.per_image), key=lambda b: b.per_image_row)
     for row, button in enumerate(rows):
@@ -148,13 +148,20 @@ def progress_view(job_id: str) -> discord.ui.View:
     return view
 
 
+# Other persistent components (the Vary Region picker's select menu), by name; the cog that
+# answers each registers it here and with discord.py.
+OtherItems: dict[str, type[discord.ui.DynamicItem[Any]]] = {}
+
+
 def issued_buttons() -> list[type[JobButton]]:
     return [*ResultButton.offered.values(), *ProgressButton.values()]
 
 
 def is_issued_custom_id(custom_id: str) -> bool:
-    """True when one of the buttons above could have this custom_id (discord.py's own test)."""
-    return any(item.__discord_ui_compiled_template__.fullmatch(custom_id) for item in issued_buttons())
+    """True when one of the buttons above (or OtherItems) could have this custom_id (discord.py's
+    own test)."""
+    items: list[type[discord.ui.DynamicItem[Any]]] = [*issued_buttons(), *OtherItems.values()]
+    return any(item.__discord_ui_compiled_template__.fullmatch(custom_id) for item in items)
 
 
 async def answer_unknown_button(interaction: discord.Interaction) -> None:
@@ -181,6 +188,7 @@ __all__ = [
     "JOB_ID",
     "RED",
     "JobButton",
+    "OtherItems",
     "ProgressButton",
     "ResultButton",
     "answer_unknown_button",

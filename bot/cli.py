@@ -106,8 +106,16 @@ def _run(settings: Settings, token: str) -> int:
 
 def _models_check(settings: Settings) -> int:
     from engine.models import check_models
+    from engine.styles import Catalog
+    from engine.styling import Styling
 
-    results = check_models(settings.models, settings.engine)
+    # Every LoRA, draft adapter and embedding is loaded into each model it is configured for.
+    styling = Styling(Catalog.from_settings(settings), settings.engine.lora_cache_mb)
+    results = check_models(settings.models, settings.engine, also=styling.checks_for)
+    if settings.controlnets:
+        from engine.control import check_controlnets
+
+        results += check_controlnets(settings.models, settings.default_model, settings.engine, settings.controlnets)
     failed = 0
     for check in results:
         if check.ok:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,27 +27,29 @@ from bot.buttons import progress_view
 from bot.delivery import Delivery
 from bot.errors import Refused
 from bot.interactions import first_response
+from bot.loras import check_styling
 from bot.metrics import Metrics
 from bot.permissions import is_moderator, role_ids
 from bot.queue.scheduler import Scheduler
 from bot.render import QueueCard, queue_card, units
-from bot.storage import OutputStore, StorageError
+from bot.storage import CONTROL, OutputStore, StorageError, result_images
 from config.settings import Settings
 from db.ids import new_job_id
 from db.jobs import JobRecord, JobStore
 from db.moderation import EVERYWHERE, ModerationStore
 from db.quotas import QuotaStore, Refusal
 from engine import validate
-from engine.jobs import ImageJob, Job, JobOrder, Parent, load_order
+from engine.jobs import ImageJob, Job, JobOrder, Parent, Text2Img, load_order
 from engine.options import MAX_SEED
 
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 ATTACHMENT_FETCH_SECONDS = 2.0
-# A burst is admitted a few requests at a time, in arrival order, instead of all of them
-# interleaving on SQLite's single writer and finishing together at the end.
-INTAKE_CONCURRENCY = 4
+# Admissions in flight at once. The ones that arrive together share one transaction (group
+# commit, db.admission), so a burst is a few transactions whatever its size; the bound only keeps
+# a flood from holding hundreds of requests' state at once.
+INTAKE_CONCURRENCY = 256
 # Attachments downloaded and decoded at once: each can be tens of megabytes of pixels.
 DECODE_CONCURRENCY = 2
 
@@ -193,10 +195,18 @@ class Intake:
 
     # ------------------------------------------------------------------ input images
     async def attachment(
-        self, interaction: discord.Interaction, attachment: discord.Attachment, job: ImageJob, **order: Any
+        self,
+        interaction: discord.Interaction,
+        attachment: discord.Attachment,
+        job: ImageJob,
+        *,
+        then: Callable[[ImageJob, tuple[int, int]], Awaitable[ImageJob]] | None = None,
+        **order: Any,
     ) -> None:
         """A job that starts from the member's attachment: refused by what Discord reports (bytes,
-        pixels, the quota at the size it will be worked at) before anything is downloaded."""
+        pixels, the quota at the size it will be worked at) before anything is downloaded.
+        `then(job with its image, fitted size)` finishes the spec once the image is in (an edit's
+        mask is read at the image's size), and may refuse."""
         gen = self.settings.generation
         validate.check_attachment_size(attachment.size, max_bytes=gen.max_attachment_bytes)
         if attachment.width and attachment.height and attachment.width * attachment.height > gen.max_attachment_pixels:
@@ -207,14 +217,18 @@ class Intake:
         # Every input is worked at about a megapixel whatever its size (validate.fit_size): when
         # Discord does not report the size, a square prices it within a few percent.
         reported = (attachment.width, attachment.height) if attachment.width and attachment.height else (1, 1)
-        await self.check_quota(interaction, job.cost(validate.input_work_size(*reported)))
+        keep = job.keep_resolution
+        await self.check_quota(interaction, job.cost(validate.input_work_size(*reported, keep_resolution=keep)))
         async with self._decoding:
             try:
                 data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
             except (TimeoutError, discord.HTTPException):
                 raise Refused("I could not download your image in time: try again, or attach a smaller file.") from None
-            png, size = await self.prepare(data, upscale=False)
-        order_ = JobOrder(replace(job, image=png), input_size=size, input_url=attachment.url, **order)
+            png, size = await self.prepare(data, upscale=False, keep_resolution=keep)
+            job = replace(job, image=png)
+            if then is not None:
+                job = await then(job, size)
+        order_ = JobOrder(job, input_size=size, input_url=attachment.url, **order)
         await self.submit(interaction, order_)
 
     async def from_parent(
@@ -224,44 +238,104 @@ class Intake:
         index: int,
         action: str,
         build: Callable[[JobOrder, dict[str, Any]], Job],
+        *,
+        prompt: str | None = None,
+        keep_resolution: bool = False,
     ) -> None:
         """A job made from one of a finished job's images by a button. `build(parent's order,
-        fields)` makes its spec; `fields` carries what it takes from the parent: the prompt,
-        negative, cfg, sampler, model (the member's or the server's when the parent's is gone),
-        the image's seed, and the image itself as the new job will see it."""
+        fields)` makes its spec; `fields` carries what it takes from the parent: the prompt (or
+        `prompt`, a Remix's edited one), negative, cfg, sampler, model (the member's or the
+        server's when the parent's is gone), the image's seed, and the image itself as the new job
+        will see it (`keep_resolution`: an edit's, see validate.input_work_size)."""
         parent_order = load_order(parent.kind, parent.params, job_id=parent.id)
         spec = parent_order.spec
-        await self.precheck(interaction, spec.prompt, spec.negative)
+        prompt = spec.prompt if prompt is None else prompt
+        await self.precheck(interaction, prompt, spec.negative)
         async with self._decoding:
             data = await self.parent_image(parent, index)
-            png, size = await self.prepare(data, upscale=action == "upscale")
+            png, size = await self.prepare(data, upscale=action == "upscale", keep_resolution=keep_resolution)
         seeds = parent.seeds or [spec.seed]
         fields: dict[str, Any] = {
             "job_id": "pending",
-            "prompt": spec.prompt,
+            "prompt": prompt,
             "negative": spec.negative,
             "cfg": spec.cfg,
             "sampler": spec.sampler,
             "model": spec.model if spec.model in self.settings.models else await self.model(interaction, None),
+            # The parent's LoRAs go on (the look stays), unless its model is gone.
+            "loras": spec.loras if spec.model in self.settings.models else (),
             "seed": seeds[min(index, len(seeds) - 1)],
             "image": png,
         }
         job = build(parent_order, fields)
         await self.submit(interaction, JobOrder(job, parent=Parent(parent.id, action, index), input_size=size))
 
-    async def reroll(self, interaction: discord.Interaction, parent: JobRecord) -> None:
-        """The same job again with a new seed, for whoever clicked; an image job starts from the
-        same image, fetched again from where it came from (inputs are not kept)."""
+    async def reroll(self, interaction: discord.Interaction, parent: JobRecord, *, prompt: str | None = None) -> None:
+        """The same job again with a new seed (and `prompt`, a Remix's edited one), for whoever
+        clicked; an image job starts from the same image, fetched again from where it came from
+        (inputs are not kept)."""
         order = load_order(parent.kind, parent.params, job_id=parent.id)
+        if prompt is not None:
+            gen = self.settings.generation
+            prompt = validate.check_prompt(prompt, max_chars=gen.max_prompt_chars, required=order.spec.prompt_required)
+            order = replace(order, spec=replace(order.spec, prompt=prompt), typed=None)
         await self.precheck(interaction, order.spec.prompt, order.spec.negative)
         spec = replace(order.spec, seed=random_seed())
         if order.input_size is not None:
+            keep = isinstance(spec, ImageJob) and spec.keep_resolution
             async with self._decoding:
                 data = await self.input_again(parent)
-                png, _ = await self.prepare(data, upscale=parent.kind == "upscale")
+                png, _ = await self.prepare(data, upscale=parent.kind == "upscale", keep_resolution=keep)
             spec = replace(spec, image=png)  # type: ignore[call-arg]
+        if isinstance(spec, Text2Img) and spec.control:
+            async with self._decoding:
+                data = await self.control_again(order)
+                png, _ = await self.prepare(data, upscale=False)
+            spec = replace(spec, control_image=png)
         again = replace(order, spec=spec, parent=Parent(parent.id, "reroll"))
         await self.submit(interaction, again)
+
+    async def with_control(
+        self, interaction: discord.Interaction, attachment: discord.Attachment, job: Text2Img, **order: Any
+    ) -> None:
+        """A /generate with a control image: refused by what Discord reports (bytes, pixels), the
+        same caps as any input image, and by the quota, before anything is downloaded; the upload
+        is then checked and fitted like an img2img input. The price is the text2img job's."""
+        gen = self.settings.generation
+        try:
+            validate.check_attachment_size(attachment.size, max_bytes=gen.max_attachment_bytes)
+        except validate.ValidationFailed as exc:
+            raise Refused(f"control_image: {exc.message}") from None
+        if attachment.width and attachment.height and attachment.width * attachment.height > gen.max_attachment_pixels:
+            raise Refused(
+                f"control_image: the image is {attachment.width}×{attachment.height}; attach one of at most "
+                f"{gen.max_attachment_pixels / 1e6:.0f} megapixels."
+            )
+        await self.check_quota(interaction, job.cost())
+        async with self._decoding:
+            try:
+                data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
+            except (TimeoutError, discord.HTTPException):
+                raise Refused(
+                    "I could not download your control image in time: try again, or attach a smaller file."
+                ) from None
+            try:
+                png, _ = await self.prepare(data, upscale=False)
+            except validate.ValidationFailed as exc:
+                raise Refused(f"control_image: {exc.message}") from None
+        await self.submit(interaction, JobOrder(replace(job, control_image=png), control_url=attachment.url, **order))
+
+    async def control_again(self, order: JobOrder) -> bytes:
+        """A ControlNet job's control image for its Reroll, fetched again where it was uploaded
+        (inputs are not kept; a Reroll's order keeps the original's URL)."""
+        if order.control_url:
+            try:
+                return bytes(await asyncio.wait_for(self._fetch(order.control_url), ATTACHMENT_FETCH_SECONDS))
+            except (TimeoutError, discord.HTTPException):
+                pass
+        raise Refused(
+            f"The control image of job `{order.spec.job_id}` is no longer available: run /generate again with it."
+        )
 
     async def input_again(self, record: JobRecord) -> bytes:
         """The image a finished image job started from: the image of the job it was made from (a
@@ -290,9 +364,10 @@ class Intake:
         return record
 
     async def parent_image(self, parent: JobRecord, index: int) -> bytes:
-        if parent.status != "done" or index >= len(parent.images):
+        images = result_images(parent.images)
+        if parent.status != "done" or index >= len(images):
             raise Refused(f"Job `{parent.id}` has no image {index + 1}.")
-        image = parent.images[index]
+        image = images[index]
         data = None
         if image.get("path"):
             data = await asyncio.to_thread(self.outputs.read, image["path"])
@@ -306,7 +381,9 @@ class Intake:
             raise Refused(f"The image of job `{parent.id}` is no longer available.")
         return bytes(data)
 
-    async def prepare(self, data: bytes, *, upscale: bool) -> tuple[bytes, tuple[int, int]]:
+    async def prepare(
+        self, data: bytes, *, upscale: bool, keep_resolution: bool = False
+    ) -> tuple[bytes, tuple[int, int]]:
         gen = self.settings.generation
         return await asyncio.to_thread(
             validate.prepare_input_image,
@@ -315,11 +392,14 @@ class Intake:
             max_pixels=gen.max_attachment_pixels,
             upscale_factor=2 if upscale else None,
             upscale_max_side=gen.upscale_max_side,
+            keep_resolution=keep_resolution,
         )
 
     # ------------------------------------------------------------------ into the queue
     async def submit(self, interaction: discord.Interaction, order: JobOrder) -> None:
         """Price, reserve, persist, enqueue, answer with the public queue card."""
+        # LoRAs, embeddings and draft mode as configured now (a button's job inherits its parent's).
+        check_styling(self.settings, order.spec)
         async with self._intake:
             record, text = await self._admit(interaction, order)
         self.delivery.track(record)
@@ -348,12 +428,17 @@ class Intake:
         self.scheduler.check_admission(user.id, band)
         job_id = new_job_id()
         image = getattr(job, "image", b"")
-        if image:
-            # Written before the job exists, so the engine never sees a job without its image.
+        control = getattr(job, "control_image", b"")
+        if image or control:
+            # Written before the job exists, so the engine never sees a job without its images.
             try:
-                await asyncio.to_thread(self.outputs.save_input, job_id, image)
+                if image:
+                    await asyncio.to_thread(self.outputs.save_input, job_id, image)
+                if control:
+                    await asyncio.to_thread(self.outputs.save_input, job_id, control, CONTROL)
             except StorageError as exc:
                 log.error("job=%s %s", job_id, exc)
+                self.outputs.drop_input(job_id)
                 raise Refused("I cannot store your image right now. Try again in a while.") from None
         # Quota reservation and the job row are one transaction: no charge without its job.
         admitted = await self.jobs.enqueue(
@@ -371,7 +456,7 @@ class Intake:
             interaction_id=interaction.id,
         )
         if isinstance(admitted, Refusal):
-            if image:
+            if image or control:
                 self.outputs.drop_input(job_id)
             self.metrics.quota_refused(admitted.reason, guild_id)
             raise Refused(quota_refusal(admitted, cost))
@@ -397,6 +482,8 @@ def engine_job(record: JobRecord, outputs: OutputStore) -> Job:
     order = load_order(record.kind, record.params, job_id=record.id)
     image = outputs.input_path(record.id).read_bytes() if order.input_size is not None else None
     spec = order.spec if image is None else replace(order.spec, image=image)  # type: ignore[call-arg]
+    if getattr(spec, "control", ""):  # a ControlNet job: its control image is an input too
+        spec = replace(spec, control_image=outputs.input_path(record.id, CONTROL).read_bytes())  # type: ignore[call-arg]
     return spec  # type: ignore[return-value]
 
 

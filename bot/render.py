@@ -7,14 +7,15 @@ Pure functions of plain values, so every wording is testable without Discord. Di
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import discord
 
 from engine.jobs import label_of
-from engine.options import SAMPLER_LABELS
+from engine.options import DRAFT_SAMPLER_LABELS, SAMPLER_LABELS
+from engine.styles import embedding_refs
 
 CONTENT_LIMIT = 2000
 DESCRIPTION_LIMIT = 4096
@@ -124,9 +125,12 @@ def result_embed(
     seconds: float,
     requested_by: str | None,
     strength: float | None = None,
+    details: Mapping[str, str] | None = None,
     notice: str = "",
+    thumbnail: str | None = None,
 ) -> discord.Embed:
-    """The result card: the prompt verbatim (cut only at its end) and every setting needed to redo it."""
+    """The result card: the prompt verbatim (cut only at its end) and every setting needed to redo
+    it; `details`: what the job's kind adds (an edit's region, a zoom's factor, a pan's direction)."""
     description = prompt if prompt else "*(no prompt)*"
     embed = discord.Embed(description=cut(description, DESCRIPTION_LIMIT), colour=ACCENT)
     embed.set_author(name=f"{label_of(kind)} · Job {job_id}")
@@ -135,19 +139,41 @@ def result_embed(
     seed_text = ", ".join(str(seed) for seed in seeds)
     embed.add_field(name="Seeds" if len(seeds) > 1 else "Seed", value=cut(seed_text, FIELD_LIMIT))
     embed.add_field(name="Model", value=cut(model, FIELD_LIMIT))
-    embed.add_field(name="Sampler", value=SAMPLER_LABELS.get(sampler, sampler))
+    embed.add_field(name="Sampler", value=SAMPLER_LABELS.get(sampler) or DRAFT_SAMPLER_LABELS.get(sampler, sampler))
     embed.add_field(name="Steps", value=str(steps))
     embed.add_field(name="CFG", value=f"{cfg:g}")
     embed.add_field(name="Size", value=f"{size[0]}×{size[1]}")
     if strength is not None:
         embed.add_field(name="Strength", value=f"{strength:g}")
+    for name, value in (details or {}).items():
+        embed.add_field(name=name, value=cut(value, FIELD_LIMIT))
     embed.add_field(name="Job", value=job_id)
     embed.add_field(name="Time", value=duration(seconds) if seconds >= 1 else f"{seconds:.2f} s")
     if notice:
         embed.add_field(name="Note", value=cut(notice, FIELD_LIMIT), inline=False)
     if requested_by:  # a name: Discord shows footers as plain text, a mention would stay `<@id>`
         embed.set_footer(text=f"requested by {requested_by}")
+    if thumbnail:  # an attachment of the same message (a ControlNet job's control map)
+        embed.set_thumbnail(url=f"attachment://{thumbnail}")
     return embed
+
+
+def styling_fields(
+    *, loras: Sequence[tuple[str, float]], prompt: str, negative: str, style: str, draft: bool
+) -> dict[str, str]:
+    """A result's LoRAs with their weights, the embeddings its prompts use, its style and draft
+    mode, as embed fields (only those it has), so it can be redone from its card."""
+    fields = {}
+    if loras:
+        fields["LoRAs"] = ", ".join(f"{name} {weight:g}" for name, weight in loras)
+    used = embedding_refs(prompt, negative)
+    if used:
+        fields["Embeddings"] = ", ".join(f"<{name}>" for name in used)
+    if style:
+        fields["Style"] = style
+    if draft:
+        fields["Draft"] = "yes"
+    return fields
 
 
 @dataclass(frozen=True)

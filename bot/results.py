@@ -18,9 +18,9 @@ import discord
 from bot.buttons import result_view
 from bot.errors import Refused
 from bot.interactions import FirstResponse
-from bot.render import result_embed
+from bot.render import result_embed, styling_fields
 from bot.safety import Decision, SafetyChecker, decide
-from bot.storage import OutputStore, StorageError
+from bot.storage import CONTROL, OutputStore, StorageError, control_entry, result_images
 from config.settings import Settings
 from db.jobs import JobRecord, JobStore
 from engine.api import ImageOut, Result
@@ -67,6 +67,14 @@ class ResultPoster:
             except StorageError as exc:
                 log.error("job=%s %s", record.id, exc)
             stored.append(entry)
+        if result.control is not None:  # the map a ControlNet followed, kept for /job too
+            control = result.control
+            entry = {"role": CONTROL, "format": control.format, "width": control.width, "height": control.height}
+            try:
+                entry["path"] = str(await asyncio.to_thread(self.outputs.save_control, record.id, control))
+            except StorageError as exc:
+                log.error("job=%s %s", record.id, exc)
+            stored.append(entry)
         return stored
 
     async def send(
@@ -77,10 +85,13 @@ class ResultPoster:
         5xx or 429 that discord.py's own retries did not get past is raised, for a later try."""
         await FirstResponse.answers_first()  # a result can wait for a burst's deferrals
         images = result.images if result is not None else await self.stored_images(record)
+        control = result.control if result is not None else await self.stored_control(record)
         seconds = result.seconds if result is not None else (record.seconds or 0.0)
         # guild_id makes message.jump_url a real link (discord.com/channels/<guild>/...), not @me
         channel = self.client.get_partial_messageable(record.channel_id, guild_id=record.guild_id)
-        files, notice = await self._files(record, images, await self.age_restricted(record.channel_id))
+        age_restricted = await self.age_restricted(record.channel_id)
+        files, notice = await self._files(record, images, age_restricted)
+        map_file = await self._control_file(record, control, age_restricted)
         extra: dict[str, Any] = {}
         if status_message_id is not None:
             extra["reference"] = discord.MessageReference(
@@ -89,8 +100,8 @@ class ResultPoster:
         try:
             message = await channel.send(
                 content=f"<@{record.owner_id}>",
-                embed=self.embed(record, images, seconds, notice),
-                files=files,
+                embed=self.embed(record, images, seconds, notice, map_file),
+                files=files + ([map_file] if map_file is not None else []),
                 view=result_view(record.id, len(images)),
                 allowed_mentions=discord.AllowedMentions(users=True, replied_user=False),
                 **extra,
@@ -115,9 +126,10 @@ class ResultPoster:
         # Judged by the channel it is re-posted in, not the one the job was made in.
         age_restricted = await self.age_restricted(interaction.channel_id) if interaction.channel_id else False
         files, notice = await self._files(record, images, age_restricted)
+        map_file = await self._control_file(record, await self.stored_control(record), age_restricted)
         await interaction.followup.send(
-            embed=self.embed(record, images, record.seconds or 0.0, notice),
-            files=files,
+            embed=self.embed(record, images, record.seconds or 0.0, notice, map_file),
+            files=files + ([map_file] if map_file is not None else []),
             view=result_view(record.id, len(images)),
         )
 
@@ -125,22 +137,17 @@ class ResultPoster:
         images = [dict(i) for i in record.images]
         by_name = {a.filename: a.url for a in message.attachments}
         for index, entry in enumerate(images):
-            url = by_name.get(filename(record.id, index, entry.get("format", "png")))
+            fmt = entry.get("format", "png")
+            name = control_filename(record.id, fmt) if entry.get("role") == CONTROL else filename(record.id, index, fmt)
+            url = by_name.get(name)
             if url:
                 entry["url"] = url
         await self.jobs.record_post(record.id, message.id, images)
 
     async def stored_images(self, record: JobRecord) -> list[ImageOut]:
         images = []
-        for entry in record.images:
-            data = None
-            if entry.get("path"):
-                data = await asyncio.to_thread(self.outputs.read, entry["path"])
-            if data is None and entry.get("url"):
-                try:
-                    data = await self.client.http.get_from_cdn(entry["url"])
-                except discord.HTTPException:
-                    data = None
+        for entry in result_images(record.images):
+            data = await self._stored_bytes(entry)
             if data is not None:
                 images.append(
                     ImageOut(
@@ -152,6 +159,26 @@ class ResultPoster:
                     )
                 )
         return images
+
+    async def stored_control(self, record: JobRecord) -> ImageOut | None:
+        """The control map a finished ControlNet job followed, from disk or from Discord."""
+        entry = control_entry(record.images)
+        data = await self._stored_bytes(entry) if entry is not None else None
+        if entry is None or data is None:
+            return None
+        return ImageOut(data, entry.get("format", "png"), 0, entry.get("width", 0), entry.get("height", 0))
+
+    async def _stored_bytes(self, entry: dict[str, Any]) -> bytes | None:
+        data = None
+        if entry.get("path"):
+            data = await asyncio.to_thread(self.outputs.read, entry["path"])
+        if data is None and entry.get("url"):
+            # The file was pruned: the image is still on Discord.
+            try:
+                data = await self.client.http.get_from_cdn(entry["url"])
+            except discord.HTTPException:
+                data = None
+        return data
 
     async def age_restricted(self, channel_id: int) -> bool:
         channel = self.client.get_channel(channel_id)
@@ -185,14 +212,36 @@ class ResultPoster:
             notes.append(f"{spoilered} image(s) flagged as explicit are hidden behind a spoiler.")
         return files, " ".join(notes)
 
-    def embed(self, record: JobRecord, images: list[ImageOut], seconds: float, notice: str) -> discord.Embed:
+    async def _control_file(
+        self, record: JobRecord, control: ImageOut | None, age_restricted: bool
+    ) -> discord.File | None:
+        """The control map as an attachment (the embed shows it as its thumbnail). It is made from
+        the member's upload, which nobody else has seen: it passes the same safety check."""
+        if control is None:
+            return None
+        verdict = await self.safety.check(control.data)
+        decision = decide(verdict, channel_age_restricted=age_restricted, settings=self.settings.safety)
+        if decision is Decision.WITHHOLD:
+            log.info("job=%s control map withheld (%s)", record.id, ", ".join(verdict.labels))
+            return None
+        name = control_filename(record.id, control.format)
+        return discord.File(io.BytesIO(control.data), filename=name, spoiler=decision is Decision.SPOILER)
+
+    def embed(
+        self,
+        record: JobRecord,
+        images: list[ImageOut],
+        seconds: float,
+        notice: str,
+        control: discord.File | None = None,
+    ) -> discord.Embed:
         order = load_order(record.kind, record.params, job_id=record.id)
         job = order.spec
         size = (images[0].width, images[0].height) if images else order.input_size or (0, 0)
         return result_embed(
             job_id=record.id,
             kind=record.kind,
-            prompt=job.prompt,
+            prompt=order.typed if order.typed is not None else job.prompt,  # the member's own words
             negative=job.negative,
             seeds=[image.seed for image in images] or record.seeds,
             model=job.model,
@@ -203,7 +252,15 @@ class ResultPoster:
             seconds=seconds,
             requested_by=self._display_name(record),
             strength=job.strength if isinstance(job, ImageJob) else None,
+            details={
+                **job.result_fields(),
+                **styling_fields(
+                    loras=job.loras, prompt=job.prompt, negative=job.negative, style=job.style, draft=job.draft
+                ),
+            },
             notice=notice,
+            # A spoilered map stays a spoiler: a thumbnail would show it uncovered.
+            thumbnail=control.filename if control is not None and not control.spoiler else None,
         )
 
     def _display_name(self, record: JobRecord) -> str | None:
@@ -217,4 +274,8 @@ def filename(job_id: str, index: int, fmt: str) -> str:
     return f"{job_id}-{index + 1}.{'jpg' if fmt == 'jpeg' else fmt}"
 
 
-__all__ = ["ResultPoster", "filename"]
+def control_filename(job_id: str, fmt: str) -> str:
+    return f"{job_id}-{CONTROL}.{'jpg' if fmt == 'jpeg' else fmt}"
+
+
+__all__ = ["ResultPoster", "control_filename", "filename"]

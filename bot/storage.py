@@ -1,10 +1,12 @@
 """Finished images on local disk, so `/job id` can re-post a result after a restart, and the
 input images of jobs still queued or running.
 
-Layout: `<output_dir>/YYYY/MM/DD/<job_id>-<index>.<ext>` (UTC date of saving). Dated folders
-keep any one directory small and make pruning by age obvious to an operator with `ls`. Inputs
-are `<output_dir>/inputs/<job_id>.png`: kept only while a retry may need them (the bot deletes
-one when its job ends), and counted in `max_gb` with the outputs.
+Layout: `<output_dir>/YYYY/MM/DD/<job_id>-<index>.<ext>` (UTC date of saving), and beside a
+ControlNet job's images its control map, `<job_id>-control.<ext>`. Dated folders keep any one
+directory small and make pruning by age obvious to an operator with `ls`. Inputs are
+`<output_dir>/inputs/<job_id>.png` (and a control image `<job_id>.control.png`): kept only while a
+retry may need them (the bot deletes them when their job ends), and counted in `max_gb` with the
+outputs.
 
 Why the details are the way they are:
 
@@ -34,6 +36,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from config.settings import StorageSettings
 from engine.api import ImageOut
@@ -46,10 +49,13 @@ DAY_SECONDS = 86400.0
 STALE_TEMP_SECONDS = 3600.0
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-OUTPUT_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}-\d+\.(?:png|webp|jpg)")
-TEMP_NAME_PATTERN = re.compile(r"\.[A-Za-z0-9_-]{1,64}-\d+\.(?:png|webp|jpg)\.[0-9a-f]+\.tmp")
-INPUT_NAME_PATTERN = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})\.png")
+OUTPUT_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}-(?:\d+|control)\.(?:png|webp|jpg)")
+TEMP_NAME_PATTERN = re.compile(r"\.[A-Za-z0-9_-]{1,64}-(?:\d+|control)\.(?:png|webp|jpg)\.[0-9a-f]+\.tmp")
+INPUT_NAME_PATTERN = re.compile(r"(?P<job>[A-Za-z0-9_-]{1,64})(?:\.control)?\.png")
 INPUTS = "inputs"
+# A ControlNet job's second picture: its control image among the inputs, its control map among
+# the outputs (an entry of the job's `images` marked with this role, after its images).
+CONTROL = "control"
 DATE_PARTS = (re.compile(r"\d{4}"), re.compile(r"\d{2}"), re.compile(r"\d{2}"))
 
 
@@ -90,7 +96,14 @@ class OutputStore:
 
     def save(self, job_id: str, index: int, image: ImageOut, *, now: datetime | None = None) -> Path:
         """Write one image atomically and return its absolute path; StorageError on any OSError."""
-        path = self.path_for(job_id, index, image, now=now)
+        return self._write(self.path_for(job_id, index, image, now=now), image.data)
+
+    def save_control(self, job_id: str, image: ImageOut, *, now: datetime | None = None) -> Path:
+        """Write a ControlNet job's control map beside its images (as `save`)."""
+        path = self.path_for(job_id, 0, image, now=now)
+        return self._write(path.with_name(f"{job_id}-{CONTROL}.{image.filename_suffix}"), image.data)
+
+    def _write(self, path: Path, data: bytes) -> Path:
         temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             # Twice: a concurrent prune may remove the (empty) day folder between mkdir and open.
@@ -98,7 +111,7 @@ class OutputStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     with open(temp, "wb") as handle:
-                        handle.write(image.data)
+                        handle.write(data)
                     break
                 except FileNotFoundError:
                     if attempt == 2:
@@ -124,15 +137,18 @@ class OutputStore:
             return None
 
     # ------------------------------------------------------------------ inputs
-    def input_path(self, job_id: str) -> Path:
+    def input_path(self, job_id: str, role: str = "") -> Path:
+        """A job's input image, or with `role` (CONTROL) its other input."""
         if not JOB_ID_PATTERN.fullmatch(job_id):
             raise ValueError(f"job id {job_id!r} is not a safe file name")
-        return self.root / INPUTS / f"{job_id}.png"
+        if role not in ("", CONTROL):
+            raise ValueError(f"no input role {role!r}")
+        return self.root / INPUTS / (f"{job_id}.{role}.png" if role else f"{job_id}.png")
 
-    def save_input(self, job_id: str, data: bytes) -> Path:
+    def save_input(self, job_id: str, data: bytes, role: str = "") -> Path:
         """Write a job's input image (before the job exists, so the engine never sees a job
         without its image); StorageError on any OSError."""
-        path = self.input_path(job_id)
+        path = self.input_path(job_id, role)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
@@ -142,8 +158,9 @@ class OutputStore:
         return path
 
     def drop_input(self, job_id: str) -> None:
-        """The job ended: its input is not needed any more."""
+        """The job ended: its inputs are not needed any more."""
         _unlink_quietly(self.input_path(job_id))
+        _unlink_quietly(self.input_path(job_id, CONTROL))
 
     def delete(self, paths: list[str]) -> int:
         """Delete stored images (a deleted result, an erased history); returns how many went.
@@ -269,7 +286,18 @@ class OutputStore:
 
 
 def _input_job(path: str) -> str:
-    return Path(path).stem
+    match = INPUT_NAME_PATTERN.fullmatch(Path(path).name)
+    return match["job"] if match else Path(path).stem
+
+
+def result_images(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's stored images without its control map."""
+    return [entry for entry in entries if entry.get("role") != CONTROL]
+
+
+def control_entry(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The stored control map of a ControlNet job, if it has one."""
+    return next((entry for entry in entries if entry.get("role") == CONTROL), None)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -289,4 +317,4 @@ def _describe_os_error(exc: OSError, path: Path) -> str:
     return f"could not save {path}: {reason}; free space or change storage.output_dir"
 
 
-__all__ = ["OutputStore", "PruneReport", "StorageError"]
+__all__ = ["CONTROL", "OutputStore", "PruneReport", "StorageError", "control_entry", "result_images"]

@@ -19,6 +19,7 @@ from bot.delivery import Delivery
 from bot.intake import Intake, engine_job
 from bot.job_actions import JobActions
 from bot.metrics import JobObserver, Metrics
+from bot.queue.batching import batch_shape
 from bot.queue.scheduler import Scheduler
 from bot.results import ResultPoster
 from bot.safety import SafetyChecker
@@ -182,6 +183,7 @@ async def wire(
             queue=settings.queue,
             job_factory=lambda record: engine_job(record, outputs),
             store_images=results.store_images,
+            batch_shape=batch_shape,
         )
     else:
         dispatching = lambda: coordinator is not None and coordinator.dispatching  # noqa: E731
@@ -193,6 +195,7 @@ async def wire(
             job_factory=lambda record: engine_job(record, outputs),
             store_images=results.store_images,
             may_dispatch=dispatching,
+            batch_shape=batch_shape,
         )
     blocklists = Blocklists(moderation, settings.moderation.blocklist)
     intake = Intake(

@@ -12,19 +12,24 @@ job vocabulary (engine.jobs), which this layer does not import: the kinds it acc
 With a ``NoticeSender`` (several bot processes sharing one PostgreSQL, see ``db.coordination``)
 every state change also sends a notice inside its own transaction, so other processes hear of
 it exactly when it commits.
+
+Admissions (``enqueue``) that arrive together share one transaction (group commit,
+db.admission): a burst of members costs a few transactions, not one each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from db.admission import GroupCommit
 from db.coordination import NoticeSender
 from db.job_records import (
     ACTIVE_STATUSES,
@@ -42,7 +47,7 @@ from db.job_records import (
 )
 from db.ledger import LedgerStateError, commit_job, refund_job
 from db.models import Job, LedgerEntry, utcnow
-from db.quotas import QuotaStore, Refusal, Reservation
+from db.quotas import QuotaStore, Refusal, Reservation, ReserveRequest
 from db.session import Database
 
 __all__ = [
@@ -59,6 +64,14 @@ __all__ = [
 ]
 
 Reserve = aliased(LedgerEntry)
+JOB_COLUMNS = tuple(column.key for column in Job.__table__.columns)
+
+
+@dataclass(frozen=True, eq=False)
+class _Admission:
+    quotas: QuotaStore
+    row: Job  # transient: its values are inserted, and it makes the JobRecord
+    request: ReserveRequest
 
 
 class JobStore:
@@ -80,6 +93,9 @@ class JobStore:
         self.clock = clock
         self.notices = notices
         self.kinds = kinds
+        self._admissions: GroupCommit[_Admission, tuple[JobRecord, Reservation] | Refusal] = GroupCommit(
+            self._admit_group
+        )
 
     async def _notify(self, s: AsyncSession, event: str, job_id: str, *, message_id: int | None = None) -> None:
         if self.notices is not None:
@@ -172,25 +188,38 @@ class JobStore:
 
         Either both happen or neither: a refusal writes nothing, a duplicate id
         (``DuplicateJobId``) rolls the reservation back, and a crash cannot leave a charge
-        without its job (which ``reserve`` followed by ``create`` could)."""
+        without its job (which ``reserve`` followed by ``create`` could). Admissions that arrive
+        together share the transaction (db.admission); it has committed when this returns."""
         row = self._new_row(
             job_id=job_id, kind=kind, owner_id=owner_id, guild_id=guild_id, channel_id=channel_id,
             params=params, cost=cost, band=band, interaction_id=interaction_id,
             request_message_id=request_message_id,
         )  # fmt: skip
+        request = ReserveRequest(guild_id, owner_id, tuple(role_ids), cost, job_id, exempt)
         try:
-            async with self.db.session() as s:
-                # An existing job id surfaces as IntegrityError at the flush, which rolls back
-                # the reservation made just before it.
-                result = await quotas.reserve_in(s, guild_id, owner_id, role_ids, cost, job_id, exempt)
-                if isinstance(result, Refusal):
-                    return result
-                s.add(row)
-                await s.flush()
-                await self._notify(s, "queued", job_id)
-                return JobRecord.from_row(row), result
+            return await self._admissions.submit(_Admission(quotas, row, request))
         except IntegrityError as exc:
             raise DuplicateJobId(job_id) from exc
+
+    async def _admit_group(self, group: Sequence[_Admission]) -> list[tuple[JobRecord, Reservation] | Refusal]:
+        """One transaction: every admission's reservation, decided in order, and the rows of the
+        accepted ones (an existing job id raises IntegrityError: all of it rolls back)."""
+        quotas = group[0].quotas
+        if any(a.quotas is not quotas for a in group):  # never in the bot: one quota store
+            return [outcome for a in group for outcome in await self._admit_group([a])]
+        out: list[tuple[JobRecord, Reservation] | Refusal] = []
+        async with self.db.session() as s:
+            decided = await quotas.reserve_many_in(s, [a.request for a in group])
+            accepted = [a.row for a, d in zip(group, decided, strict=True) if isinstance(d, Reservation)]
+            if accepted:
+                await s.execute(insert(Job), [{key: getattr(row, key) for key in JOB_COLUMNS} for row in accepted])
+            for a, decision in zip(group, decided, strict=True):
+                if isinstance(decision, Refusal):
+                    out.append(decision)
+                    continue
+                await self._notify(s, "queued", a.row.id)
+                out.append((JobRecord.from_row(a.row), decision))
+        return out
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self.db.session(write=False) as s:

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -224,4 +225,11 @@ class UserPreference(Base):
 
     user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     default_model: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # /settings: Remix (edit the prompt before a button's job starts) and /generate's defaults
+    # when the member leaves an option out (NULL: the operator's default).
+    remix: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
+    default_aspect: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    default_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    default_sampler: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    default_negative: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.models import Ban, BlocklistPattern, GuildSettings, UserPreference, utcnow
 from db.session import Database
 
-__all__ = ["EVERYWHERE", "BanRecord", "GuildSettingsRecord", "ModerationStore"]
+__all__ = ["EVERYWHERE", "BanRecord", "GuildSettingsRecord", "MemberSettings", "ModerationStore"]
 
 EVERYWHERE = 0
 """The guild id of the operator's bans, blocklist and pause, which apply in every server and DM."""
@@ -66,6 +66,27 @@ class GuildSettingsRecord:
     def priority_roles(self) -> tuple[int, ...]:
         """Alias of ``priority_role_ids``."""
         return self.priority_role_ids
+
+
+@dataclass(frozen=True)
+class MemberSettings:
+    """A member's own defaults (/settings); None: the operator's default."""
+
+    remix: bool = False
+    aspect: str | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    negative: str | None = None
+
+
+# MemberSettings field → UserPreference column.
+_MEMBER_COLUMNS = {
+    "remix": "remix",
+    "aspect": "default_aspect",
+    "steps": "default_steps",
+    "sampler": "default_sampler",
+    "negative": "default_negative",
+}
 
 
 class _ReadCache:
@@ -277,6 +298,41 @@ class ModerationStore:
                 s.add(UserPreference(user_id=user_id, default_model=name, updated_at=self.clock()))
             else:
                 row.default_model, row.updated_at = name, self.clock()
+
+    async def get_member_settings(self, user_id: int) -> MemberSettings:
+        """The member's /settings (every button click with Remix reads it: cached)."""
+        return await self._cache.get(("member", user_id), lambda: self._read_member_settings(user_id))
+
+    async def _read_member_settings(self, user_id: int) -> MemberSettings:
+        async with self.db.session(write=False) as s:
+            row = await s.get(UserPreference, user_id)
+            return _member(row) if row is not None else MemberSettings()
+
+    async def set_member_settings(self, user_id: int, **changes: Any) -> MemberSettings:
+        """Change some of the member's settings (keys of MemberSettings; None resets one to the
+        operator's default); returns them all."""
+        unknown = set(changes) - set(_MEMBER_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown member settings {sorted(unknown)}")
+        async with self._writing(("member", user_id)) as s:
+            row = await s.get(UserPreference, user_id)
+            if row is None:
+                row = UserPreference(user_id=user_id, default_model=None, remix=False, updated_at=self.clock())
+                s.add(row)
+            for name, value in changes.items():
+                setattr(row, _MEMBER_COLUMNS[name], bool(value) if name == "remix" else value)
+            row.updated_at = self.clock()
+            return _member(row)
+
+
+def _member(row: UserPreference) -> MemberSettings:
+    return MemberSettings(
+        remix=bool(row.remix),
+        aspect=row.default_aspect,
+        steps=row.default_steps,
+        sampler=row.default_sampler,
+        negative=row.default_negative,
+    )
 
 
 def _unique(ids: Iterable[int]) -> list[int]:

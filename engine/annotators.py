@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.models import quiet_progress
 from engine.weights import hub_offline
 
 log = logging.getLogger(__name__)
@@ -195,12 +196,13 @@ def load_annotator(mode: AnnotatorMode, source: str, device: torch.device | str 
     with _lock:  # one load even when two jobs ask at once
         if key not in _loaded:
             started = time.perf_counter()
-            if mode == "depth":
-                _loaded[key] = DepthEstimator(source, device)
-            elif mode == "pose":
-                _loaded[key] = PoseEstimator(source, device)
-            else:
-                raise ValueError(f"no annotator for control mode {mode!r}")
+            with quiet_progress():
+                if mode == "depth":
+                    _loaded[key] = DepthEstimator(source, device)
+                elif mode == "pose":
+                    _loaded[key] = PoseEstimator(source, device)
+                else:
+                    raise ValueError(f"no annotator for control mode {mode!r}")
             log.info("%s annotator loaded from %s in %.1f s", mode, source, time.perf_counter() - started)
         return _loaded[key]
 

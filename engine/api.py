@@ -35,6 +35,8 @@ class Result:
     seconds: float
     # Pure compute time (pipeline calls), without loading/encoding: the scheduler's ETA source.
     compute_seconds: float = 0.0
+    # The control map a ControlNet job followed (edges, depth or pose), shown beside its images.
+    control: ImageOut | None = None
 
 
 class EngineError(Exception):

@@ -25,6 +25,7 @@ after every step; a 9-channel inpainting UNet also gets the masked source's late
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,12 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from engine.callbacks import JobSteps, StepCallback
+from engine.jobs import ImageJob, image_seeds
 from engine.jobs.events import Phase
 from engine.masks import Box, composite
 from engine.pipelines import (
+    Generated,
+    Runner,
     decode_latents,
     encode_image,
     fresh_pipeline,
@@ -143,6 +147,7 @@ def inpaint(
     seeds: list[int],
     blur: int = 8,
     padding_mask_crop: int | None = None,
+    work_box: Box | None = None,
     steps_tracker: JobSteps | None = None,
     phase: Phase = "base",
     cfg_off_after: int | None = None,
@@ -151,7 +156,9 @@ def inpaint(
     """Redo the white part of `mask` on `image` (an RGB source of any size) once per seed.
 
     `blur`: the Gaussian radius (px) softening the mask's edge (0: none; give 0 for outpainting
-    masks, which are soft already and must stay 0 over the source). `steps_tracker`: progress,
+    masks, which are soft already and must stay 0 over the source). `work_box`: the part of the
+    image to work on, given (it must hold the whole mask; Pan: the new strip and as much of the
+    source for context), instead of the one `padding_mask_crop` finds. `steps_tracker`: progress,
     previews and cancellation (JobCancelled), sized by `inpaint_steps`. Same arguments → same
     bytes; image i is the image of the one-seed call with seeds[i]."""
     if not seeds:
@@ -163,7 +170,7 @@ def inpaint(
     soft = VaeImageProcessor.blur(hard, blur_factor=blur) if blur > 0 else hard
 
     # 1. Work region and size.
-    box = work_region(soft, padding_mask_crop)
+    box = work_box if work_box is not None else work_region(soft, padding_mask_crop)
     x0, y0, x1, y1 = box
     whole = box == (0, 0, *source.size)
     size = work_size((x1 - x0, y1 - y0), work_pixels, whole=whole)
@@ -224,4 +231,52 @@ def inpaint(
     return results
 
 
-__all__ = ["LATENT_CELL", "denoise_mask", "inpaint", "inpaint_steps", "inpaint_view", "work_region", "work_size"]
+def run_job(
+    runner: Runner,
+    model: Any,
+    job: ImageJob,
+    image: Image.Image,
+    mask: Image.Image,
+    track: Callable[[int], JobSteps],
+    *,
+    blur: int,
+    padding_mask_crop: int | None = None,
+    work_box: Box | None = None,
+) -> list[Generated]:
+    """An editing job's inpainting call (Vary Region, Zoom Out, Pan): on the model's dedicated
+    inpainting pipeline when the operator configured one, else on the base's own modules; one
+    image per `image_seeds` seed, progress, previews, CFG cutoff and cancellation like every kind."""
+    pipe = model.inpaint if getattr(model, "inpaint", None) is not None else model.base
+    seeds = image_seeds(job.seed, job.image_count)
+    _, planned = inpaint_steps(pipe, job.sampler, job.steps, job.strength)
+    steps = track(planned)
+    images = inpaint(
+        pipe,
+        image=image,
+        mask=mask,
+        prompt=job.prompt,
+        negative=job.negative,
+        steps=job.steps,
+        cfg=job.cfg,
+        sampler=job.sampler,
+        strength=job.strength,
+        seeds=seeds,
+        blur=blur,
+        padding_mask_crop=padding_mask_crop,
+        work_box=work_box,
+        steps_tracker=steps,
+        cfg_off_after=runner.cfg_cutoff_step(planned, job.cfg),
+    )
+    return [Generated(result, seed) for result, seed in zip(images, seeds, strict=True)]
+
+
+__all__ = [
+    "LATENT_CELL",
+    "denoise_mask",
+    "inpaint",
+    "inpaint_steps",
+    "inpaint_view",
+    "run_job",
+    "work_region",
+    "work_size",
+]

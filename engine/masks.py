@@ -31,7 +31,7 @@ from typing import Literal, cast
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from engine.validate import ValidationFailed, _open
+from engine.validate import ValidationFailed, open_checked
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive, like PIL
 Direction = Literal["left", "right", "up", "down"]
@@ -110,7 +110,7 @@ def decode_mask(data: bytes, size: tuple[int, int], *, max_bytes: int, max_pixel
     or larger copy of the image, or antialiased, lands on the right pixels. Refuses non-images,
     oversized files, and masks that would redo nothing or everything."""
     try:
-        image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        image = open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
     except ValidationFailed as error:
         raise _as_mask_field(error) from None
     try:

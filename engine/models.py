@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from config.settings import EngineSettings, ModelSettings
+from config.settings import ControlNetSettings, EngineSettings, ModelSettings
 from engine.accel import (
     AccelError,
     AccelReport,
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     """A model ready to run. `img2img` and `refiner` share modules with `base` (no extra memory
-    for img2img; the refiner adds only its UNet)."""
+    for img2img; the refiner adds only its UNet). `inpaint`: the operator's dedicated inpainting
+    checkpoint (its UNet; text encoders and VAE shared with `base`), None when not configured."""
 
     name: str
     base: Any  # StableDiffusionXLPipeline
@@ -58,6 +59,10 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     accel: list[AccelReport] = field(default_factory=list)
+    inpaint: Any | None = None  # StableDiffusionXLInpaintPipeline
+    # ControlNets used with this model (engine.control), by source: loaded on first use and kept
+    # as long as the model is; on the device only from the job that needs one (others go to RAM).
+    controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
     def has_refiner(self) -> bool:
@@ -66,7 +71,7 @@ class LoadedModel:
     def modules(self) -> Iterator[torch.nn.Module]:
         """Every distinct torch module of the model (shared ones once)."""
         seen: set[int] = set()
-        for pipe in (self.base, self.refiner):
+        for pipe in (self.base, self.refiner, self.inpaint):
             if pipe is None:
                 continue
             for component in pipe.components.values():
@@ -91,6 +96,27 @@ class LoadedModel:
                 module.to(device)
             for extra in attached_modules(module):
                 extra.to(device)
+        if device.type == "cpu":  # parked: its ControlNets wait in RAM with it
+            for net in self.controlnets.values():
+                _place(net, device)
+
+    def controlnet(self, key: str, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """The ControlNet `key` on this model's device (`load()` on first use), every other one of
+        this model's ControlNets moved to RAM."""
+        net = self.controlnets.get(key)
+        if net is None:
+            net = self.controlnets[key] = load()
+        for other in self.controlnets.values():
+            if other is not net:
+                _place(other, torch.device("cpu"))
+        _place(net, self.device)
+        return net
+
+
+def _place(module: torch.nn.Module, device: torch.device) -> None:
+    first = next(module.parameters(), None)
+    if first is None or not _same_device(first.device, device):
+        module.to(device)
 
 
 def _same_device(actual: torch.device, wanted: torch.device) -> bool:
@@ -226,11 +252,15 @@ def load_model(name: str, settings: ModelSettings, device: torch.device, dtype: 
         _check_refiner(name, base, refiner)
         log.info("model %r: refiner loaded in %.1f s", name, time.perf_counter() - refiner_started)
 
+    inpaint = _load_inpaint(name, settings, base, dtype) if settings.inpaint else None
+
     # from_pipe casts every (shared!) module to its `dtype`, float32 when not given: pass ours.
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base, **_dtype_kwarg(dtype))
-    loaded = LoadedModel(name=name, base=base, refiner=refiner, img2img=img2img, device=device, dtype=dtype)
+    loaded = LoadedModel(
+        name=name, base=base, refiner=refiner, img2img=img2img, device=device, dtype=dtype, inpaint=inpaint
+    )
     loaded.move(device)
-    for pipe in (base, refiner):
+    for pipe in (base, refiner, inpaint):
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
     img2img.set_progress_bar_config(disable=True)
@@ -243,6 +273,33 @@ def load_model(name: str, settings: ModelSettings, device: torch.device, dtype: 
         ", with refiner" if refiner is not None else "",
     )
     return loaded
+
+
+def _load_inpaint(name: str, settings: ModelSettings, base: Any, dtype: torch.dtype) -> Any:
+    """The dedicated inpainting checkpoint, by the same rules as base and refiner (hub id, folder
+    or single safetensors file); only its UNet is new: the base's text encoders, tokenizers and
+    VAE are passed in, so diffusers loads none of its own."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    source = ModelSource.parse(
+        settings.inpaint, settings.inpaint_config, role="inpaint", revision=settings.inpaint_revision
+    )
+    started = time.perf_counter()
+    shared = {key: getattr(base, key) for key in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")}
+    try:
+        with quiet_progress():
+            pipe = _from_pretrained(StableDiffusionXLInpaintPipeline, source, dtype, role="inpaint", **shared)
+    except Exception as exc:
+        raise _wrap(exc, name, "inpaint", source) from exc
+    unet = pipe.unet.config
+    if unet.cross_attention_dim != base.unet.config.cross_attention_dim or unet.in_channels not in (4, 9):
+        raise ModelLoadError(
+            f"model {name!r}: the inpaint checkpoint does not fit the base (its UNet takes text features of "
+            f"width {unet.cross_attention_dim} and {unet.in_channels} input channels; the base gives "
+            f"{base.unet.config.cross_attention_dim}, and an SDXL inpainting UNet takes 4 or 9)"
+        )
+    log.info("model %r: inpainting UNet loaded in %.1f s", name, time.perf_counter() - started)
+    return pipe
 
 
 def _check_refiner(name: str, base: Any, refiner: Any) -> None:
@@ -258,7 +315,13 @@ def _check_refiner(name: str, base: Any, refiner: Any) -> None:
 class ModelRegistry:
     """The configured models by name; `get(name)` loads on demand and caches (see module docstring)."""
 
-    def __init__(self, models: Mapping[str, ModelSettings | Mapping[str, Any]], engine: EngineSettings) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, ModelSettings | Mapping[str, Any]],
+        engine: EngineSettings,
+        *,
+        controlnets: Mapping[str, ControlNetSettings] | None = None,
+    ) -> None:
         if not models:
             raise ModelLoadError("no models configured: add a [models.<name>] table")
         self._settings: dict[str, ModelSettings] = {}
@@ -273,6 +336,14 @@ class ModelRegistry:
                 message = str(first["msg"]).removeprefix("Value error, ")
                 raise ModelLoadError(f"models.{name}.{where}: {message}") from None
         self.engine = engine
+        # The configured ControlNet modes (engine.control loads them into each LoadedModel); their
+        # sources are checked here, at start-up, so a typo is not found by a member's job.
+        self.controlnets: dict[str, ControlNetSettings] = dict(controlnets or {})
+        for mode, control in self.controlnets.items():
+            ModelSource.parse(control.model, role=f"controlnets.{mode}.model", layout="model")
+            if control.annotator:
+                role = f"controlnets.{mode}.annotator"
+                ModelSource.parse(control.annotator, role=role, kinds=("hub", "folder"), layout="model")
         defaults = [name for name, model in self._settings.items() if model.default]
         self._default = defaults[0] if defaults else next(iter(self._settings))
         self._device: torch.device | None = None
@@ -351,7 +422,7 @@ class ModelRegistry:
             # Make room before loading, so RAM never holds more than the configured number.
             self._evict(keep=self.engine.models_in_ram)
             model = load_model(name, self._settings[name], device, self.dtype)
-            for pipe in (model.base, model.refiner):
+            for pipe in (model.base, model.refiner, model.inpaint):
                 if pipe is not None:
                     model.accel.append(apply_optimizations(pipe, self.engine, device, self.dtype))
             self._loaded[name] = model
@@ -406,8 +477,14 @@ class ModelCheck:
     detail: str
 
 
-def check_models(models: Mapping[str, ModelSettings | Mapping[str, Any]], engine: EngineSettings) -> list[ModelCheck]:
-    """Load each configured model in turn (one in memory at a time) and report ok/error + seconds."""
+def check_models(
+    models: Mapping[str, ModelSettings | Mapping[str, Any]],
+    engine: EngineSettings,
+    *,
+    also: Callable[[LoadedModel], list[ModelCheck]] | None = None,
+) -> list[ModelCheck]:
+    """Load each configured model in turn (one in memory at a time) and report ok/error + seconds;
+    `also(model)` adds the checks of what goes on a loaded model (its LoRAs, embeddings...)."""
     results: list[ModelCheck] = []
     try:
         registry = ModelRegistry(models, engine.model_copy(update={"models_in_ram": 0}))
@@ -426,11 +503,15 @@ def check_models(models: Mapping[str, ModelSettings | Mapping[str, Any]], engine
         parts = [f"base ({ModelSource.parse(settings.base, settings.base_config).label})"]
         if model.refiner is not None:
             parts.append(f"refiner ({ModelSource.parse(settings.refiner, settings.refiner_config).label})")
+        if model.inpaint is not None:
+            parts.append(f"inpaint ({ModelSource.parse(settings.inpaint, settings.inpaint_config).label})")
         detail = (
             f"{' + '.join(parts)} on {model.device.type}/{str(model.dtype).removeprefix('torch.')}, "
             f"{model.parameter_bytes / 1e6:.0f} MB"
         )
         results.append(ModelCheck(name, True, seconds, detail))
+        if also is not None:
+            results.extend(also(model))
         del model
         registry.unload()
     return results

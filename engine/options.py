@@ -35,6 +35,14 @@ SAMPLER_LABELS: dict[str, str] = {
 }
 SAMPLERS: tuple[str, ...] = tuple(SAMPLER_LABELS)
 DEFAULT_SAMPLER = SAMPLERS[0]
+# The few-step schedulers a model's draft adapter may need (`draft_sampler` in [models.<name>]):
+# the operator picks the one its adapter was trained for; draft jobs run it, members never pick it.
+DRAFT_SAMPLER_LABELS: dict[str, str] = {
+    "euler_trailing": "Euler trailing",  # SDXL-Lightning, Hyper-SD
+    "lcm": "LCM",  # LCM-LoRA
+    "tcd": "TCD",  # TCD-LoRA, Hyper-SD one-step
+}
+DRAFT_SAMPLERS: tuple[str, ...] = tuple(DRAFT_SAMPLER_LABELS)
 
 STEPS = Range(1, 60, 30)
 CFG = Range(1.0, 20.0, 7.0)
@@ -43,11 +51,37 @@ STRENGTH = Range(0.05, 1.0, 0.6)  # each image kind has its own default (refine 
 MAX_SEED = 2**32 - 1
 SEED = Range(0, MAX_SEED, 0)
 PROMPT_CHARS = Range(1, 1500, 1500)  # the contract's 1–1500; operators may lower the limit
+# LoRAs on one job (the `lora` option, a style's and the member's together) and their weights;
+# the default weight is each LoRA's own `weight` in the operator's config (this one when unset).
+MAX_LORAS = 3
+LORA_WEIGHT = Range(0.0, 2.0, 1.0)
+
+# ControlNet: the modes an operator may configure (`[controlnets.<mode>]`), in the order offered,
+# and the A1111 ControlNet "Module" each one's own annotator is (`none` for a map given as is).
+CONTROL_MODULES: dict[str, str] = {"edges": "canny", "depth": "depth", "pose": "openpose"}
+CONTROL_MODES: tuple[str, ...] = tuple(CONTROL_MODULES)
+DEFAULT_CONTROL_MODE = "edges"
+CONTROL_STRENGTH = Range(0.0, 2.0, 0.8)
+# The share of the schedule the ControlNet steers, from its start: the layout is set in the first
+# steps and the last fifth only adds detail, which a ControlNet tends to stamp its map into
+# (haloed edges); the same split as the base → refiner hand-off (engine.high_noise_frac).
+CONTROL_GUIDANCE_START = Range(0.0, 1.0, 0.0)
+CONTROL_GUIDANCE_END = Range(0.0, 1.0, 0.8)
 
 __all__ = [
     "CFG",
+    "CONTROL_GUIDANCE_END",
+    "CONTROL_GUIDANCE_START",
+    "CONTROL_MODES",
+    "CONTROL_MODULES",
+    "CONTROL_STRENGTH",
     "COUNT",
+    "DEFAULT_CONTROL_MODE",
     "DEFAULT_SAMPLER",
+    "DRAFT_SAMPLERS",
+    "DRAFT_SAMPLER_LABELS",
+    "LORA_WEIGHT",
+    "MAX_LORAS",
     "MAX_SEED",
     "PROMPT_CHARS",
     "SAMPLERS",

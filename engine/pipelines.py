@@ -11,6 +11,9 @@ Things that hold for every call:
   (guidance scale, step counters) are never shared between jobs or threads. The fresh scheduler
   is a deep copy of a pristine one per (sampler, config), and step plans are remembered: both
   are pure functions of their inputs, and rebuilding them cost ~2% of a small job.
+- Before a job's first call, its LoRAs are made the model's active adapters (none: disabled), the
+  embeddings its prompts use are loaded, and a draft runs on the model's draft adapter
+  (engine.styling).
 - Prompts go through compel (engine.prompts): weights, and no 77-token limit. Plain prompts skip
   compel's slow parser and recent embeddings are cached, with bit-identical results.
 - Micro-conditioning: original_size = target_size = the image size, crops (0, 0); the refiner
@@ -37,7 +40,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +57,8 @@ from engine.jobs import Job, Text2Img, img2img_steps, kind_of
 from engine.jobs.events import Phase, Progress
 from engine.prompts import encode_prompt
 from engine.samplers import make_scheduler
+from engine.styles import Catalog
+from engine.styling import Styling
 from engine.upscale import (
     ALIGN,
     Upscaler,
@@ -67,6 +72,10 @@ log = logging.getLogger(__name__)
 class Generated:
     image: Image.Image
     seed: int
+    # What the image's kind adds to its PNG `parameters` beyond the job's own (a ControlNet unit).
+    params: Mapping[str, Any] = field(default_factory=dict)
+    # The control map the model followed (engine.control), on the job's first image only.
+    control: Image.Image | None = None
 
 
 # --- helpers shared by every job kind ----------------------------------------------------------
@@ -118,11 +127,14 @@ class PerImageUNet:
 
 
 def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    """`value` restricted to `rows` when it is batched (tensors, also inside dicts)."""
+    """`value` restricted to `rows` when it is batched (tensors, also inside dicts, lists and
+    tuples: a ControlNet's residuals)."""
     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
         return value.index_select(0, rows)
     if isinstance(value, dict):
         return {key: _rows(item, rows, batch) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_rows(item, rows, batch) for item in value)
     return value
 
 
@@ -356,6 +368,17 @@ def kind_call(kind: str) -> KindCall:
     return call
 
 
+KindBatchCall = Callable[["Runner", Any, Sequence[Any], Sequence[Callable[[int], JobSteps]]], list[list[Generated]]]
+
+
+@functools.cache
+def kind_batch_call(kind: str) -> KindBatchCall:
+    """The batched call of a kind whose jobs are `batchable`: `run_batch` beside its `run`."""
+    module, _, _ = kind_of(kind).run.partition(":")
+    call: KindBatchCall = getattr(importlib.import_module(module), "run_batch")  # noqa: B009 - named by convention
+    return call
+
+
 class Runner:
     """Runs jobs on the models of a registry (engine.models.ModelRegistry)."""
 
@@ -367,8 +390,12 @@ class Runner:
         upscaler: Upscaler | None = None,
         *,
         exact_batches: bool = True,
+        catalog: Catalog | None = None,
     ) -> None:
         self.registry = registry
+        # The operator's LoRAs, embeddings and draft adapters, put on a model for each job (styled).
+        self.styling = Styling(catalog if catalog is not None else Catalog(), engine.lora_cache_mb)
+        self.styling.check_files()
         self.engine = engine
         self.generation = generation
         self._upscaler = upscaler
@@ -406,11 +433,46 @@ class Runner:
         """Run one job; raises JobCancelled when `cancelled()` turns true on the way."""
         if cancelled():
             raise JobCancelled(job.job_id)
-        model = self.registry.get(job.model)
+        model = self.styled(self.registry.get(job.model), [job])
+        track = self.tracker(job.job_id, on_progress, cancelled)
+        with torch.inference_mode():
+            return kind_call(job.kind)(self, model, job, track)
+
+    def run_batch(
+        self,
+        jobs: Sequence[Job],
+        *,
+        on_progress: Callable[[Progress], None],
+        cancelled: Callable[[str], bool],
+    ) -> list[list[Generated]]:
+        """Run jobs of one `batch_key` as one batched call (engine.batch): each job's images, in
+        order. `cancelled(job_id)` per member: a member cancelled on the way still gets its images
+        (the caller drops them); JobCancelled when every member is cancelled."""
+        first = jobs[0]
+        if len(jobs) == 1:
+            return [self.run(first, on_progress=on_progress, cancelled=lambda: cancelled(first.job_id))]
+        if any(job.batch_key() != first.batch_key() or job.batch_key() is None for job in jobs):
+            raise ValueError("a batch must be jobs of one batch_key")
+        if all(cancelled(job.job_id) for job in jobs):
+            raise JobCancelled(first.job_id)
+        model = self.styled(self.registry.get(first.model), jobs)
+        tracks = [self.tracker(job.job_id, on_progress, functools.partial(cancelled, job.job_id)) for job in jobs]
+        with torch.inference_mode():
+            return kind_batch_call(first.kind)(self, model, jobs, tracks)
+
+    def styled(self, model: Any, jobs: Sequence[Job]) -> Any:
+        """`model` with the jobs' LoRAs active (one set: a batch shares it), the embeddings their
+        prompts use loaded, and for a draft the model as the draft adapter runs it."""
+        return self.styling.prepare(model, jobs)
+
+    def tracker(
+        self, job_id: str, on_progress: Callable[[Progress], None], cancelled: Callable[[], bool]
+    ) -> Callable[[int], JobSteps]:
+        """`track(total)`: the JobSteps of one job that will run `total` steps."""
 
         def track(total: int) -> JobSteps:
             return JobSteps(
-                job.job_id,
+                job_id,
                 total,
                 on_progress=on_progress,
                 cancelled=cancelled,
@@ -418,8 +480,7 @@ class Runner:
                 preview_size=self.engine.preview_size,
             )
 
-        with torch.inference_mode():
-            return kind_call(job.kind)(self, model, job, track)
+        return track
 
     def img2img(
         self,

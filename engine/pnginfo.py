@@ -26,9 +26,11 @@ from xml.sax.saxutils import escape
 from PIL import Image, PngImagePlugin
 
 from engine.api import ImageFormat, ImageOut
-from engine.options import SAMPLER_LABELS
+from engine.options import DRAFT_SAMPLER_LABELS, SAMPLER_LABELS
 
-_SAMPLER_IDS = {label: key for key, label in SAMPLER_LABELS.items()}
+# Members' samplers and draft mode's: every sampler a job can run, by the name written.
+_SAMPLER_NAMES = {**SAMPLER_LABELS, **DRAFT_SAMPLER_LABELS}
+_SAMPLER_IDS = {label: key for key, label in _SAMPLER_NAMES.items()}
 
 # params key → (A1111 label, type). width/height travel together as "Size: WxH".
 _FIELDS: dict[str, tuple[str, type]] = {
@@ -42,9 +44,23 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "refiner": ("Refiner", str),
     "refiner_switch": ("Refiner switch at", float),
     "upscale": ("Hires upscale", float),
+    # Editing (Vary Region, Zoom Out, Pan): enough to redo a result from its metadata.
+    "kind": ("Atelier kind", str),
+    "region": ("Inpaint region", str),
+    "mask_blur": ("Mask blur", int),
+    "zoom": ("Zoom out", float),
+    "pan": ("Pan", str),
+    # Styling: A1111's own labels for LoRA and embedding hashes (the LoRAs themselves are
+    # `<lora:name:weight>` tags in the prompt, as A1111 writes them), then ours.
+    "lora_hashes": ("Lora hashes", str),
+    "ti_hashes": ("TI hashes", str),
+    "style": ("Style", str),
+    "draft": ("Draft", str),
     "job_id": ("Job", str),
     "version": ("Version", str),
 }
+# A LoRA in A1111's prompt syntax: <lora:name:weight>.
+_LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):(-?[0-9]*\.?[0-9]+)>")
 _LABELS = {label: key for key, (label, _) in _FIELDS.items()}
 _NEGATIVE = "Negative prompt: "
 # One "Key: value" of the last line; a value is a JSON string or runs to the next comma.
@@ -71,20 +87,36 @@ def _quote(value: str) -> str:
     return value
 
 
+def controlnet_unit(*, module: str, model: str, weight: float, guidance_start: float, guidance_end: float) -> str:
+    """One ControlNet unit as A1111's ControlNet extension writes it (the value of `ControlNet 0`,
+    which format_parameters quotes), so metadata readers that know it understand ours."""
+    fields = (
+        ("Module", module),
+        ("Model", model),
+        ("Weight", _number(weight)),
+        ("Resize Mode", "Crop and Resize"),
+        ("Guidance Start", _number(guidance_start)),
+        ("Guidance End", _number(guidance_end)),
+    )
+    return ", ".join(f"{label}: {value}" for label, value in fields)
+
+
 def format_parameters(params: Mapping[str, Any]) -> str:
     """A1111's text for `params`: keys prompt, negative, steps, sampler (our id), cfg, seed, width,
-    height, model, and optional strength, refiner, refiner_switch, upscale, job_id, version; any
-    other key is written under its own name with a str value."""
-    lines = [str(params.get("prompt", ""))]
+    height, model, and optional strength, refiner, refiner_switch, upscale, kind, region,
+    mask_blur, zoom, pan, job_id, version; loras ((name, weight) pairs, written as A1111's
+    `<lora:name:weight>` after the prompt), lora_hashes, ti_hashes, style, draft; any other key is
+    written under its own name with a str value."""
+    lines = [str(params.get("prompt", "")) + "".join(f" <lora:{n}:{_number(w)}>" for n, w in params.get("loras") or ())]
     negative = str(params.get("negative", "") or "")
     if negative:
         lines.append(_NEGATIVE + negative)
     parts: list[str] = []
     for key, value in params.items():
-        if key in ("prompt", "negative", "width", "height") or value is None:
+        if key in ("prompt", "negative", "width", "height", "loras") or value is None:
             continue
         if key == "sampler":
-            text = SAMPLER_LABELS.get(str(value), str(value))
+            text = _SAMPLER_NAMES.get(str(value), str(value))
         elif key in _FIELDS and _FIELDS[key][1] in (int, float):
             text = _number(value) if _FIELDS[key][1] is float else str(int(value))
         else:
@@ -144,7 +176,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
             in_negative = True
             line = line[len(_NEGATIVE) :]
         (negative_lines if in_negative else prompt_lines).append(line)
-    result: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative": "\n".join(negative_lines)}
+    prompt = "\n".join(prompt_lines)
+    loras = [(name, float(weight)) for name, weight in _LORA_TAG.findall(prompt)]
+    result: dict[str, Any] = {"prompt": _LORA_TAG.sub("", prompt), "negative": "\n".join(negative_lines)}
+    if loras:
+        result["loras"] = loras
     for label, raw in pairs or ():
         key = _LABELS.get(label, label)
         if key == "size":
@@ -273,6 +309,7 @@ def read_parameters(data: bytes) -> dict[str, Any] | None:
 
 __all__ = [
     "SAMPLER_LABELS",
+    "controlnet_unit",
     "encode_image",
     "format_parameters",
     "parse_parameters",

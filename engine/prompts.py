@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from cachetools import LRUCache
 from compel import Compel, CompelForSDXL, ReturnedEmbeddingsType
+from compel.embeddings_provider import BaseTextualInversionManager
 
 # Texts remembered per text encoder. An SDXL entry is 77×1280 values per 77-token chunk for the
 # second encoder (~200 KB in fp16), so 64 entries stay within a few tens of MB.
@@ -122,6 +123,40 @@ class _EncoderCache:
 
 _caches: weakref.WeakKeyDictionary[torch.nn.Module, _EncoderCache] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+# What else decides an encoder's output besides the text: the LoRAs active on it and the
+# embeddings loaded into it (engine.loras and engine.embeddings say), part name → a hashable value.
+_text_states: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+# Multi-vector embeddings: per tokenizer, a token id → the ids of all its vectors.
+_expansions: weakref.WeakKeyDictionary[Any, dict[int, list[int]]] = weakref.WeakKeyDictionary()
+
+
+def set_text_state(text_encoder: torch.nn.Module, part: str, value: Any) -> None:
+    """Say that `part` of what shapes `text_encoder`'s output (its active LoRAs, its embeddings)
+    is now `value` (hashable); cached encodings made under another value are not reused."""
+    with _lock:
+        _text_states.setdefault(text_encoder, {})[part] = value
+
+
+def set_token_expansions(tokenizer: Any, expansions: dict[int, list[int]]) -> None:
+    """Tokens added to `tokenizer` whose embedding has several vectors: each id stands for the
+    ids of all its vectors (what diffusers' `maybe_convert_prompt` does on text, done on ids)."""
+    with _lock:
+        _expansions.setdefault(tokenizer, {}).update(expansions)
+        _tokenizer_keys.pop(tokenizer, None)  # its vocabulary grew
+
+
+def _state_key(text_encoder: torch.nn.Module) -> tuple[Any, ...]:
+    return tuple(sorted(_text_states.get(text_encoder, {}).items()))
+
+
+class _TokenExpander(BaseTextualInversionManager):
+    """compel's hook for multi-vector textual inversions, for one tokenizer."""
+
+    def __init__(self, expansions: dict[int, list[int]]) -> None:
+        self.expansions = expansions
+
+    def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
+        return [expanded for token in token_ids for expanded in self.expansions.get(token, [token])]
 
 
 def clear_prompt_cache() -> None:
@@ -138,7 +173,7 @@ def _encode_text(compel: Compel, text: str) -> tuple[torch.Tensor, torch.Tensor 
     encoder = provider.text_encoder
     parameter = next(encoder.parameters())
     placement = (parameter.device, parameter.dtype)
-    key = (_tokenizer_key(provider.tokenizer), bool(compel.requires_pooled), text)
+    key = (_tokenizer_key(provider.tokenizer), bool(compel.requires_pooled), _state_key(encoder), text)
     with _lock:
         cache = _caches.get(encoder)
         if cache is None or cache.placement != placement:
@@ -182,6 +217,7 @@ def _compel(tokenizer: Any, text_encoder: Any, *, pooled: bool) -> Compel:
         returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
         requires_pooled=pooled,
         truncate_long_prompts=False,
+        textual_inversion_manager=_TokenExpander(_expansions[tokenizer]) if tokenizer in _expansions else None,
     )
 
 
@@ -223,4 +259,12 @@ def encode_prompt(pipe: Any, prompt: str, negative: str = "", *, guidance: bool 
     return Conditioning(embeds[:1], pooled[:1], embeds[1:], pooled[1:])
 
 
-__all__ = ["PROMPT_CACHE_SIZE", "Conditioning", "clear_prompt_cache", "encode_prompt", "plain_text"]
+__all__ = [
+    "PROMPT_CACHE_SIZE",
+    "Conditioning",
+    "clear_prompt_cache",
+    "encode_prompt",
+    "plain_text",
+    "set_text_state",
+    "set_token_expansions",
+]

@@ -6,13 +6,16 @@ specs, `Progress` and `Result` come from engine.jobs and engine.api unchanged.
 Parent → child::
 
     Submit(job)          queue a job (the child runs jobs one at a time, in order received)
+    SubmitBatch(jobs)    queue jobs of one shape to run as ONE batched call (engine.batch); each
+                         member is still told, cancelled and answered on its own
     Cancel(job_id)       cancel a queued or running job (ignored when unknown or finished)
     Shutdown(drain)      stop: finish the running job (drain=True) or abort it, report queued
                          jobs as Failed(retryable), then exit 0
 
 Child → parent::
 
-    Ready(...)           sent once, after the registry and Runner are loaded (or Fatal instead)
+    Ready(...)           sent once, after the registry and Runner are loaded (or Fatal instead);
+                         says how many images a batch may make there (`max_batch`)
     Fatal(message)       start-up failed (model missing, bad config…); the child then exits 1
     Started(job_id)      the job left the queue and is running: from now on a crash fails it
     Progress             engine.jobs.events.Progress, as the Runner reports it
@@ -23,16 +26,27 @@ Child → parent::
                          engine-side error (retryable=True)
 
 A job's messages are ordered (Started, Progress…, Computed, then Done or Failed), but messages of
-different jobs may interleave: images are encoded in a thread while the next job already runs.
+different jobs may interleave: images are encoded in a thread while the next job already runs, and
+the members of a batch are told each step in turn. A batch member's cancel is answered at once
+while other members still run (its images are dropped); the batch stops when all are cancelled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from config.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
+from config.settings import (
+    ControlNetSettings,
+    EmbeddingSettings,
+    EngineSettings,
+    GenerationSettings,
+    LoraSettings,
+    ModelSettings,
+    Settings,
+)
 from engine.jobs import Job
 from engine.jobs.events import Done, Failed, JobStats, Progress, Started
+from engine.styles import Catalog
 
 # "module:function" building the Runner in the child; tests may name a stand-in.
 DEFAULT_RUNNER_FACTORY = "engine.worker:build_runner"
@@ -48,6 +62,9 @@ class WorkerConfig:
     generation: GenerationSettings
     runner_factory: str = DEFAULT_RUNNER_FACTORY
     log_level: str = "INFO"
+    controlnets: dict[str, ControlNetSettings] = field(default_factory=dict)
+    loras: dict[str, LoraSettings] = field(default_factory=dict)
+    embeddings: dict[str, EmbeddingSettings] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings, runner_factory: str = DEFAULT_RUNNER_FACTORY) -> WorkerConfig:
@@ -59,6 +76,15 @@ class WorkerConfig:
             generation=settings.generation,
             runner_factory=runner_factory,
             log_level=settings.logging.level,
+            controlnets=dict(settings.controlnets),
+            loras=dict(settings.loras),
+            embeddings=dict(settings.embeddings),
+        )
+
+    def catalog(self) -> Catalog:
+        """The LoRAs, embeddings and draft adapters jobs are checked against and run with."""
+        return Catalog(
+            loras=self.loras, embeddings=self.embeddings, models=self.models, default_model=self.default_model
         )
 
 
@@ -68,6 +94,11 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class Submit:
     job: Job
+
+
+@dataclass(frozen=True)
+class SubmitBatch:
+    jobs: tuple[Job, ...]
 
 
 @dataclass(frozen=True)
@@ -90,6 +121,8 @@ class Ready:
     import_seconds: float
     load_seconds: float
     detail: str = ""
+    # The most images one batched call makes there (config.settings.EngineSettings.batch_limit).
+    max_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -102,7 +135,7 @@ class Computed:
     job_id: str
 
 
-ToWorker = Submit | Cancel | Shutdown
+ToWorker = Submit | SubmitBatch | Cancel | Shutdown
 FromWorker = Ready | Fatal | Started | Progress | Computed | Done | Failed
 
 __all__ = [
@@ -118,6 +151,7 @@ __all__ = [
     "Shutdown",
     "Started",
     "Submit",
+    "SubmitBatch",
     "ToWorker",
     "WorkerConfig",
 ]

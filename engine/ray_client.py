@@ -31,6 +31,11 @@ loaded) comes back from the replica as a message and raises EngineError(retryabl
 Cancelling: `cancel(job_id)` cancels the Serve call; the replica sets the Runner's cancel flag and
 the job stops within about one step. After cancel() returned True the job's iterator raises
 JobCancelled, even if it finished in the meantime (its result is dropped).
+
+Batches: `submit_batch(jobs)` sends jobs of one shape as ONE Serve call (`run_batch`, one replica,
+engine.batch), one stream per job. A member cancelled while others still run ends at once here
+(its images are dropped when they come); the call is cancelled when every member is. `max_batch`
+is `[engine] max_batch`, by default by the replicas' device (GPUs when `ray_num_gpus` > 0).
 """
 
 from __future__ import annotations
@@ -41,17 +46,23 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from config.settings import Settings, is_loopback_host
+from config.settings import Settings
 from engine.api import EngineError, EngineHealth, JobCancelled, Result
 from engine.jobs import Job
 from engine.jobs.events import Progress
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats
+from engine.ray_support import (
+    is_replica_death,
+    like,
+    message_job_id,
+    remote_without_auth,
+    retrieve_exception,
+    shutdown_ray,
+)
 from engine.stream import JobStream
 
 log = logging.getLogger("atelier.engine.ray_client")
@@ -75,28 +86,8 @@ class _Call:
     last: Progress | None = None
     cancel_requested: bool = False
     finished: bool = False  # the iterator got its last item
-
-
-def remote_without_auth(address: str, environ: Mapping[str, str], home: Path | None = None) -> str | None:
-    """Why joining `address` would be unsafe, or None. Anyone who can reach a Ray cluster without
-    token authentication can run code on every node (and read what the engine holds), so a
-    cluster on another machine is joined only with Ray's token auth on: `RAY_AUTH_MODE=token` and
-    the cluster's token in `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`, or ~/.ray/auth_token."""
-    host = urlsplit(address if "://" in address else f"ray://{address}").hostname
-    if address in ("", "local", "auto") or is_loopback_host(host):
-        return None
-    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return (
-            f"engine.ray_address = {address!r} is another machine: turn on Ray's token authentication on every "
-            "node and here (RAY_AUTH_MODE=token and the cluster's token; see docs/scaling.md)"
-        )
-    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or (home or Path.home()) / ".ray" / "auth_token")
-    if not environ.get("RAY_AUTH_TOKEN") and not token_file.is_file():
-        return (
-            f"engine.ray_address = {address!r}: RAY_AUTH_MODE is token but no token is set (RAY_AUTH_TOKEN, "
-            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; see docs/scaling.md)"
-        )
-    return None
+    members: list[_Call] = field(default_factory=list)  # a batch's calls, on its first (which is sent)
+    batch: _Call | None = None  # a batch member's first call (the one sent)
 
 
 class RayEngineClient:
@@ -151,6 +142,13 @@ class RayEngineClient:
     def restarts(self) -> int:
         return self._restarts
 
+    @property
+    def max_batch(self) -> int:
+        """The most images one batched call makes (the replicas' device decides the default)."""
+        engine = self._settings.engine
+        gpu = engine.device == "cuda" or (engine.device == "auto" and engine.ray_num_gpus > 0)
+        return engine.batch_limit("cuda" if gpu else engine.device if engine.device != "auto" else "cpu")
+
     async def start(self) -> None:
         """Join Ray, deploy the application when it is absent, and wait until the deployment is
         running. Raises EngineError (retryable=False when Ray is not installed or the replicas
@@ -178,14 +176,52 @@ class RayEngineClient:
         elif self._start_task is None or self._start_task.done():
             # Started in the background; a start that fails fails the waiting jobs (retried at the next submit).
             self._start_task = asyncio.get_running_loop().create_task(self._connect())
-            self._start_task.add_done_callback(_retrieve_exception)
+            self._start_task.add_done_callback(retrieve_exception)
         return JobStream(self.cancel, call)
+
+    def submit_batch(self, jobs: Sequence[Job]) -> list[AsyncIterator[Progress | Result]]:
+        """`submit` for jobs of one shape run as ONE Serve call: one stream per job, in order."""
+        if self._closed or len(jobs) <= 1:
+            return [self.submit(job) for job in jobs]
+        self._bind_loop()
+        streams: list[AsyncIterator[Progress | Result]] = []
+        calls: list[_Call] = []
+        for job in jobs:
+            if job.job_id in self._jobs:
+                error = EngineError(f"Job {job.job_id} is already submitted.", retryable=False)
+                streams.append(JobStream(self.cancel, None, error))
+                continue
+            call = self._jobs[job.job_id] = _Call(job)
+            calls.append(call)
+            streams.append(JobStream(self.cancel, call))
+        calls[0].members = calls
+        for call in calls:
+            call.batch = calls[0]
+        self._waiting.append(calls[0])
+        if self._ready:
+            self._dispatch()
+        elif self._start_task is None or self._start_task.done():
+            self._start_task = asyncio.get_running_loop().create_task(self._connect())
+            self._start_task.add_done_callback(retrieve_exception)
+        return streams
 
     async def cancel(self, job_id: str) -> bool:
         call = self._jobs.get(job_id)
         if call is None or call.finished:
             return False
         call.cancel_requested = True
+        batch = call.batch
+        if batch is not None:
+            # A batch member ends now (its images, if the others run on, are dropped when they
+            # come); the call itself is stopped once every member is cancelled.
+            self._finish(call, JobCancelled(f"Job {job_id} was cancelled."))
+            if all(member.cancel_requested for member in batch.members):
+                if batch.status == "waiting":
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(batch)
+                elif batch.response is not None:
+                    batch.response.cancel()
+            return True
         if call.status == "waiting":
             with contextlib.suppress(ValueError):
                 self._waiting.remove(call)
@@ -238,7 +274,7 @@ class RayEngineClient:
         for call in list(self._jobs.values()):
             self._finish(call, EngineError("The engine shut down before the job finished.", retryable=True))
         if self._owns_ray:
-            await asyncio.to_thread(_shutdown_ray)
+            await asyncio.to_thread(shutdown_ray)
 
     # ------------------------------------------------------------------ connecting
 
@@ -382,31 +418,46 @@ class RayEngineClient:
         """Send waiting jobs while a replica is free (in submission order)."""
         while self._waiting and self._ready and len(self._in_flight) < self._live:
             call = self._waiting.popleft()
-            if call.finished:
+            if all(member.finished for member in call.members or [call]):
                 continue
-            call.status = "running"
+            for member in call.members or [call]:
+                member.status = "running"
             self._in_flight.add(call)
             assert self._loop is not None
             call.task = self._loop.create_task(self._drive(call), name=f"atelier-ray-{call.job.job_id}")
 
     async def _drive(self, call: _Call) -> None:
         error: BaseException | None = None
+        members = {member.job.job_id: member for member in call.members or [call]}
         try:
-            call.response = self._handle.run.remote(call.job)
-            if call.cancel_requested:
+            if call.members:
+                jobs = tuple(member.job for member in call.members if not member.finished)
+                call.response = self._handle.run_batch.remote(jobs)
+            else:
+                call.response = self._handle.run.remote(call.job)
+            if all(member.cancel_requested for member in members.values()):
                 call.response.cancel()
             async for message in call.response:
-                self._on_message(call, message)
+                member = members.get(message_job_id(message))
+                if member is not None:
+                    self._on_message(member, message)
         except Exception as exc:
             error = exc
         finally:
-            call.status = "ended"
             call.response = None
             self._in_flight.discard(call)
-            if not call.finished:
-                self._finish(call, self._failure(call, error))
-            if self._jobs.get(call.job.job_id) is call:
-                del self._jobs[call.job.job_id]
+            failure: BaseException | None = None
+            for member in members.values():
+                member.status = "ended"
+                if not member.finished:
+                    if member.cancel_requested:
+                        self._finish(member, JobCancelled(f"Job {member.job.job_id} was cancelled."))
+                    else:
+                        # One lost call, however many members: counted and logged once.
+                        failure = failure or self._failure(member, error)
+                        self._finish(member, like(failure, member.job.job_id))
+                if self._jobs.get(member.job.job_id) is member:
+                    del self._jobs[member.job.job_id]
             self._dispatch()
 
     def _failure(self, call: _Call, error: BaseException | None) -> BaseException:
@@ -418,7 +469,7 @@ class RayEngineClient:
         if error is None:
             return EngineError("The engine replica ended the job without a result.", retryable=True)
         log.warning("job %s: the Ray call failed: %s: %s", job_id, type(error).__name__, error)
-        if _is_replica_death(error):
+        if is_replica_death(error):
             self._replica_lost()
             return EngineError(f"The engine replica running the job was lost ({type(error).__name__}).", retryable=True)
         self._poll_now.set()
@@ -460,27 +511,4 @@ class RayEngineClient:
         call.queue.put_nowait(item)
 
 
-def _retrieve_exception(task: asyncio.Task[None]) -> None:
-    """A background start's failure reached the waiting jobs: nothing else to report."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _is_replica_death(error: BaseException) -> bool:
-    try:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    except ImportError:
-        return False
-    return isinstance(error, ActorDiedError | ActorUnavailableError | RayActorError)
-
-
-def _shutdown_ray() -> None:
-    import ray
-    from ray import serve
-
-    with contextlib.suppress(Exception):
-        serve.shutdown()
-    ray.shutdown()
-
-
-__all__ = ["RayEngineClient"]
+__all__ = ["RayEngineClient", "remote_without_auth"]

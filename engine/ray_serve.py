@@ -7,11 +7,13 @@ Topology::
                                                           replica 1 (GPU 0) ◀──┤ num_gpus=1,
                                                           replica 2 (GPU 1) ◀──┘ max_ongoing_requests=1
 
-Each replica loads the configured models once (engine.worker.load_runner, the same code as the
-local engine process) and runs one job at a time: `run(job)` is a streaming method that yields
+Each replica loads the configured models once (engine.serving.load_runner, the same code as the
+local engine process) and runs one call at a time: `run(job)` is a streaming method that yields
 the engine.protocol messages the local worker sends over its pipe: Progress…, Computed (compute
-over, encoding starts), then Done or Failed. A job's own failure is a Failed message, never an
-exception, so an exception at the caller always means the call itself was lost (a dead replica).
+over, encoding starts), then Done or Failed; `run_batch(jobs)` the same for a batch of jobs of
+one shape run as one batched call (engine.batch), each member's messages under its own id. A
+job's own failure is a Failed message, never an exception, so an exception at the caller always
+means the call itself was lost (a dead replica).
 
 The bot keeps ordering, fairness and quotas: it sends a job only when it knows a replica is free
 (engine.ray_client), so Serve's own queue stays empty. Cancelling the call (Serve cancels the
@@ -32,19 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from config.settings import EngineSettings, Settings
-from engine.api import JobCancelled
 from engine.jobs import Job
 from engine.jobs.events import Progress
 from engine.protocol import DEFAULT_RUNNER_FACTORY, Computed, Done, Failed, JobStats, WorkerConfig
-from engine.worker import (
-    _version,
-    check_job,
-    encode_result,
-    job_failure,
-    load_runner,
-    model_load_error,
-    set_torch_threads,
-)
+from engine.serving import encode_result, load_runner, model_load_error, run_members, set_torch_threads, version
 
 log = logging.getLogger("atelier.engine.ray")
 
@@ -68,7 +61,7 @@ class AtelierReplica:
         self._executor.submit(set_torch_threads, config).result()
         self._runner, self.ready = self._executor.submit(load_runner, config).result()
         self._load_error = model_load_error()
-        self._version = _version()
+        self._version = version()
         self._previous_end: float | None = None
         log.info(
             "replica ready: models %.1f s, imports %.1f s (%s)",
@@ -79,6 +72,13 @@ class AtelierReplica:
 
     async def run(self, job: Job) -> AsyncIterator[ReplicaMessage]:
         """Progress…, Computed, then Done or Failed (see engine.protocol)."""
+        async for message in self.run_batch((job,)):
+            yield message
+
+    async def run_batch(self, jobs: tuple[Job, ...]) -> AsyncIterator[ReplicaMessage]:
+        """`run` for jobs of one shape as one batched call: every member's messages, each under
+        its own job id. Cancelling the call cancels every member (the client drops a member it
+        was asked to cancel while the others run on)."""
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -88,7 +88,7 @@ class AtelierReplica:
 
         def work() -> None:
             try:
-                self._execute(job, send, cancel)
+                self._execute(jobs, send, cancel)
             finally:
                 send(_END)
 
@@ -106,44 +106,48 @@ class AtelierReplica:
                 cancel.set()
                 await asyncio.shield(task)
 
-    def _execute(self, job: Job, send: Callable[[Any], None], cancel: threading.Event) -> None:
-        job_id = job.job_id
+    def _execute(self, jobs: tuple[Job, ...], send: Callable[[Any], None], cancel: threading.Event) -> None:
         started = time.perf_counter()
         idle = None if self._previous_end is None else started - self._previous_end
-        failure = check_job(self._config, job)
-        if failure is not None:
-            send(failure)
-            return
         try:
-            images = self._runner.run(job, on_progress=send, cancelled=cancel.is_set)
-        except JobCancelled:
-            send(Failed(job_id, "Cancelled.", retryable=False, cancelled=True))
-            return
-        except BaseException as exc:
-            send(job_failure(job_id, exc, self._load_error))
-            return
+            made = run_members(
+                self._config,
+                self._runner,
+                jobs,
+                send=send,
+                cancelled=lambda _job_id: cancel.is_set(),
+                cancel_failure=lambda job_id: Failed(job_id, "Cancelled.", retryable=False, cancelled=True),
+                load_error=self._load_error,
+            )
         finally:
             self._previous_end = time.perf_counter()
-        compute = time.perf_counter() - started
-        send(Computed(job_id))
-        encode_started = time.perf_counter()
-        try:
-            result = encode_result(
-                self._config, job, list(images), started=started, compute_seconds=compute, version=self._version
+        for member in made:
+            send(Computed(member.job.job_id))
+        for member in made:
+            job_id = member.job.job_id
+            encode_started = time.perf_counter()
+            try:
+                result = encode_result(
+                    self._config,
+                    member.job,
+                    member.images,
+                    started=started,
+                    compute_seconds=member.compute_seconds,
+                    version=self._version,
+                )
+            except Exception as exc:
+                log.exception("encoding job %s failed", job_id)
+                send(Failed(job_id, f"Encoding failed: {exc}", retryable=True))
+                continue
+            stats = JobStats(
+                job_id=job_id,
+                wait_seconds=0.0,
+                idle_seconds=idle,
+                back_to_back=False,
+                compute_seconds=member.compute_seconds,
+                encode_seconds=time.perf_counter() - encode_started,
             )
-        except Exception as exc:
-            log.exception("encoding job %s failed", job_id)
-            send(Failed(job_id, f"Encoding failed: {exc}", retryable=True))
-            return
-        stats = JobStats(
-            job_id=job_id,
-            wait_seconds=0.0,
-            idle_seconds=idle,
-            back_to_back=False,
-            compute_seconds=compute,
-            encode_seconds=time.perf_counter() - encode_started,
-        )
-        send(Done(result, stats=stats))
+            send(Done(result, stats=stats))
 
 
 def build_app(config: WorkerConfig, engine: EngineSettings | None = None) -> Any:

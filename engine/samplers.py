@@ -19,11 +19,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from engine.options import SAMPLERS
+from engine.options import DRAFT_SAMPLERS, SAMPLERS
 
 _NO_SIGMA_SCHEDULE = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
 
@@ -56,12 +58,23 @@ _SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 
 assert tuple(_SAMPLERS) == SAMPLERS, "engine.samplers and engine.options.SAMPLERS disagree"
 
+# Draft mode's few-step schedulers, as the adapters' model cards set them up (never offered to
+# members: a model's `draft_sampler` names the one its adapter was trained for).
+_DRAFT_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    # SDXL-Lightning (and Hyper-SD's multi-step LoRAs): Euler on trailing timesteps.
+    "euler_trailing": (EulerDiscreteScheduler, {**_NO_SIGMA_SCHEDULE, "timestep_spacing": "trailing"}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
+}
+
+assert tuple(_DRAFT_SAMPLERS) == DRAFT_SAMPLERS, "engine.samplers and engine.options.DRAFT_SAMPLERS disagree"
+
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
-    """A fresh scheduler for sampler `name`, built from a model's scheduler `config`
-    (`pipe.scheduler.config`). Raises ValueError for an unknown name."""
+    """A fresh scheduler for sampler `name` (a member's, or a draft adapter's), built from a
+    model's scheduler `config` (`pipe.scheduler.config`). Raises ValueError for an unknown name."""
     try:
-        cls, settings = _SAMPLERS[name]
+        cls, settings = _SAMPLERS[name] if name in _SAMPLERS else _DRAFT_SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
     return cls.from_config(dict(config), **settings)

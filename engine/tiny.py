@@ -7,7 +7,9 @@
   ``requires_aesthetics_score=True``; its VAE and OpenCLIP encoder are the base's, as in real SDXL),
 - ``PATH/single/base.safetensors``: the same base as ONE file in the original SGM key layout,
 - ``PATH/single/base-config``: the base's configs and tokenizers without weights, the folder an
-  operator names as ``base_config`` so ``from_single_file`` loads offline.
+  operator names as ``base_config`` so ``from_single_file`` loads offline;
+- the add-ons fitting the base (engine.tiny_addons): ``PATH/lora/`` (a LoRA in kohya keys, one in
+  diffusers keys, a draft LoRA), ``PATH/embeddings/``, ``PATH/controlnet/``, ``PATH/annotators/``.
 
 Everything loads through the same code as real SDXL weights (engine.models). The shapes keep
 SDXL's structure (two text encoders of DIFFERENT widths, text_time conditioning, 8× VAE,
@@ -316,8 +318,9 @@ def _copy_configs(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, ignore=ignore)
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
-    """Write the tiny SDXL under `path` (see the module docstring); replaces what was there."""
+def build_tiny_sdxl(path: Path, seed: int = 0, *, addons: bool = True) -> None:
+    """Write the tiny SDXL under `path` (see the module docstring), with its add-ons unless
+    `addons` is False; replaces what was there."""
     from safetensors.torch import save_file
 
     from engine.models import quiet_progress
@@ -345,10 +348,16 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> None:
     for weights in path.rglob("*.safetensors"):
         weights.chmod(0o644)
     log.info("tiny SDXL written to %s in %.1f s", path, time.perf_counter() - started)
+    if addons:
+        from engine.tiny_addons import build_tiny_addons
+
+        build_tiny_addons(path, seed)
 
 
 def tiny_model_command(path: str) -> int:
     """`atelier tiny-model PATH`: build the tiny model and say where it went and how to use it."""
+    from engine.tiny_addons import tiny_draft, tiny_styling
+
     target = Path(path)
     started = time.perf_counter()
     try:
@@ -364,9 +373,17 @@ def tiny_model_command(path: str) -> int:
     print(f'  base = "{(target / "base").resolve()}"')
     print(f'  refiner = "{(target / "refiner").resolve()}"')
     print("  default = true")
+    for key, value in tiny_draft(target.resolve()).items():
+        print(f"  {key} = {json.dumps(value)}")
     print("  [models.tiny-single]")
     print(f'  base = "{(target / "single" / "base.safetensors").resolve()}"')
     print(f'  base_config = "{(target / "single" / "base-config").resolve()}"')
+    # The LoRAs, the embedding and a style: JSON strings, numbers and lists are TOML values too.
+    for section, tables in tiny_styling(target.resolve()).items():
+        for name, table in tables.items():
+            print(f"  [{section}.{name}]")
+            for key, value in table.items():
+                print(f"  {key} = {json.dumps(value)}")
     return 0
 
 

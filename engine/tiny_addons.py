@@ -305,6 +305,43 @@ def build_tiny_addons(path: Path, seed: int = 0) -> None:
     log.info("tiny add-ons written to %s in %.1f s", path, time.perf_counter() - started)
 
 
+def tiny_styling(path: Path) -> dict[str, Any]:
+    """Config tables using the add-ons under `path`, as `config.settings.load_settings(**...)`
+    takes them: two LoRAs (kohya and diffusers keys; the second fits the model named `tiny`
+    only), the embedding, and a style using the first LoRA. For the demo, tests and benches."""
+    path = Path(path)
+    return {
+        "loras": {
+            "tiny-style": {
+                "file": str(path / LORA_KOHYA),
+                "weight": 0.8,
+                "trigger": "tiny style",
+                "description": "random kohya-format LoRA (UNet and both text encoders)",
+            },
+            "tiny-style-diffusers": {
+                "file": str(path / LORA_DIFFUSERS),
+                "models": ["tiny"],
+                "description": "random diffusers-format LoRA (UNet)",
+            },
+        },
+        "embeddings": {EMBEDDING_TOKEN.strip("<>"): {"file": str(path / EMBEDDING), "description": "random embedding"}},
+        "styles": {
+            "tiny-poster": {
+                "prompt": "poster of {prompt}, bold shapes",
+                "negative": "blurry",
+                "loras": ["tiny-style:0.5"],
+                "steps": 3,
+                "description": "a poster look, with tiny-style at 0.5",
+            }
+        },
+    }
+
+
+def tiny_draft(path: Path) -> dict[str, Any]:
+    """A [models.<name>] table's draft keys for the draft LoRA under `path`."""
+    return {"draft_lora": str(Path(path) / LORA_DRAFT), "draft_steps": 4}
+
+
 __all__ = [
     "ADDONS",
     "CONTROLNET",
@@ -316,4 +353,6 @@ __all__ = [
     "LORA_KOHYA",
     "POSE_ANNOTATOR",
     "build_tiny_addons",
+    "tiny_draft",
+    "tiny_styling",
 ]

@@ -22,7 +22,18 @@ from PIL import Image, ImageFile, ImageOps
 
 from config.settings import parse_size
 from engine.blocklist import normalize_text
-from engine.options import CFG, COUNT, MAX_SEED, SAMPLERS, STEPS, STRENGTH, Range
+from engine.options import (
+    CFG,
+    CONTROL_GUIDANCE_END,
+    CONTROL_GUIDANCE_START,
+    CONTROL_STRENGTH,
+    COUNT,
+    MAX_SEED,
+    SAMPLERS,
+    STEPS,
+    STRENGTH,
+    Range,
+)
 
 SIZE_MULTIPLE = 64
 MAX_SIDE = 4096
@@ -149,6 +160,32 @@ def check_strength(strength: Any) -> float:
     return strength
 
 
+def check_control_strength(strength: Any) -> float:
+    strength = _float(strength, "control_strength")
+    _in_range("control_strength", strength, CONTROL_STRENGTH)
+    return strength
+
+
+def check_control_mode(mode: Any, configured: Collection[str]) -> str:
+    """A ControlNet mode this bot offers (`[controlnets.<mode>]`)."""
+    if mode in configured:
+        return str(mode)
+    if not configured:
+        raise ValidationFailed("control", "Control images are not set up on this bot.")
+    offered = ", ".join(f"`{name}`" for name in configured)
+    raise ValidationFailed("control", f"The control mode `{mode}` is not set up here: pick one of {offered}.")
+
+
+def check_control_guidance(start: Any, end: Any) -> tuple[float, float]:
+    """The share of the schedule a ControlNet steers: 0 ≤ start < end ≤ 1."""
+    start, end = _float(start, "control_guidance_start"), _float(end, "control_guidance_end")
+    _in_range("control_guidance_start", start, CONTROL_GUIDANCE_START)
+    _in_range("control_guidance_end", end, CONTROL_GUIDANCE_END)
+    if start >= end:
+        raise ValidationFailed("control_guidance_end", "control_guidance_end must be after control_guidance_start.")
+    return start, end
+
+
 def check_aspect(name: Any, aspects: Mapping[str, str] | Mapping[str, tuple[int, int]]) -> tuple[int, int]:
     """The (width, height) of a configured aspect name (`[generation.aspects]`)."""
     if not isinstance(name, str) or name not in aspects:
@@ -230,8 +267,9 @@ def _looks_like_image(data: bytes | bytearray | memoryview) -> bool:
     return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _open(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Open lazily (header only) and check bytes, format and declared dimensions."""
+def open_checked(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and check bytes, format and declared dimensions (images, and
+    anything decoded like one: engine.masks reads uploaded masks through it)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ValidationFailed("image", "The attachment is not a file.")
     if len(data) == 0:
@@ -268,7 +306,7 @@ def _open(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
 
 def probe_image(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) of an attachment, from its header only (no pixel decoding)."""
-    image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    image = open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
     try:
         return image.size
     finally:
@@ -303,7 +341,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
 
 
 def _decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    image = open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
@@ -376,12 +414,18 @@ def input_work_size(
     upscale_factor: int | None = None,
     upscale_max_side: int = MAX_SIDE,
     target_pixels: int = SDXL_PIXELS,
+    keep_resolution: bool = False,
 ) -> tuple[int, int]:
     """The size an input image is worked at: ~1 MP for an img2img job; for an upscale (factor
-    given) the input's own size (never enlarged) capped so the output side ≤ `upscale_max_side`."""
+    given) the input's own size (never enlarged) capped so the output side ≤ `upscale_max_side`.
+    With `keep_resolution` (edits: Vary Region, Zoom Out, Pan) a source larger than ~1 MP keeps
+    its size, sides trimmed to multiples of 8 (the VAE's factor): it is worked on around the
+    region to redo, and what is kept keeps its resolution."""
     if upscale_factor:
         side = max(SIZE_MULTIPLE, upscale_max_side // upscale_factor)
         return fit_size(width, height, side * side, max_side=side, allow_upscale=False)
+    if keep_resolution and width * height > target_pixels:
+        return fit_size(width, height, width * height, max_side=MAX_SIDE, allow_upscale=False, multiple=8)
     return fit_size(width, height, target_pixels)
 
 
@@ -393,6 +437,7 @@ def prepare_input_image(
     upscale_factor: int | None = None,
     upscale_max_side: int = MAX_SIDE,
     target_pixels: int = SDXL_PIXELS,
+    keep_resolution: bool = False,
 ) -> tuple[bytes, tuple[int, int]]:
     """Decode an attachment, resize it to its working size (see `input_work_size`) and return it
     as PNG bytes with that (width, height): what a job that starts from an image carries."""
@@ -409,6 +454,7 @@ def prepare_input_image(
         upscale_factor=upscale_factor,
         upscale_max_side=upscale_max_side,
         target_pixels=target_pixels,
+        keep_resolution=keep_resolution,
     )
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
@@ -435,6 +481,9 @@ __all__ = [
     "check_aspect",
     "check_attachment_size",
     "check_cfg",
+    "check_control_guidance",
+    "check_control_mode",
+    "check_control_strength",
     "check_count",
     "check_image_byte_limit",
     "check_model",
@@ -449,6 +498,7 @@ __all__ = [
     "decode_image",
     "fit_size",
     "input_work_size",
+    "open_checked",
     "prepare_input_image",
     "probe_image",
 ]

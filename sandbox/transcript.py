@@ -261,7 +261,8 @@ class _Renderer:
     def attachments(self, msg: Message) -> str:
         if not msg.attachments:
             return ""
-        embedded = {str((e.get("image") or {}).get("url")) for e in msg.embeds}
+        # An attachment an embed shows (as its image or thumbnail) is not shown again below it.
+        embedded = {str((e.get(key) or {}).get("url")) for e in msg.embeds for key in ("image", "thumbnail")}
         shown = [att for att in msg.attachments if att.is_image and att.url not in embedded]
         grid = len(shown) > 1  # several images: Discord's mosaic of cropped squares
         items = []

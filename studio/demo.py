@@ -2,14 +2,17 @@
 
 Starts the built-in Discord-compatible sandbox on 127.0.0.1, the real bot against it and the tiny
 random-weight SDXL, then plays what a community does on a first evening: generate, reroll,
-upscale, a 4-image grid with a variation, refine an uploaded image, a moderator lowering a quota,
-and the over-quota refusal that follows. Every posted image and an HTML transcript of the channel
-go to the output folder.
+upscale, a 4-image grid with a variation, refine an uploaded image, a picture following a sketch's
+outlines (ControlNet, its edge map shown beside it), edits of the first picture (Vary Region on
+a region picked from the picker, Zoom Out, Pan Right), a picture with a LoRA and a draft, a
+moderator lowering a quota, and the over-quota refusal that follows. Every posted image and an HTML
+transcript of the channel go to the output folder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import tempfile
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from config.settings import Settings
 from engine.tiny import build_tiny_sdxl
+from engine.tiny_addons import CONTROLNET, build_tiny_addons, tiny_draft, tiny_styling
 from sandbox import Message, write_transcript
 from studio.harness import Studio, job_id_of, open_studio, tiny_settings
 
@@ -50,6 +54,18 @@ async def run_demo(settings: Settings, *, out_dir: str | Path = "demo-out") -> i
             engine={"device": "cpu", "preview_every": 2, "preview_size": 96},
             quota={"default_limit": 20.0},
             logging={"level": settings.logging.level},
+            controlnets={"edges": {"model": str(TINY_MODEL_DIR / CONTROLNET)}},
+            # The tiny model's LoRAs, embedding and style, and its draft LoRA (engine.tiny_addons).
+            models={
+                "tiny": {
+                    "base": str(TINY_MODEL_DIR / "base"),
+                    "refiner": str(TINY_MODEL_DIR / "refiner"),
+                    "default": True,
+                    "description": "random-weight SDXL for the demo (noise by design)",
+                    **tiny_draft(TINY_MODEL_DIR),
+                },
+            },
+            **tiny_styling(TINY_MODEL_DIR),
         )
         started = time.monotonic()
         async with open_studio(demo_settings) as studio:
@@ -65,6 +81,9 @@ def prepare(out: Path) -> None:
     if not (TINY_MODEL_DIR / "base" / "model_index.json").exists():
         print(f"building the tiny model in {TINY_MODEL_DIR} …")
         build_tiny_sdxl(TINY_MODEL_DIR)
+    if not (TINY_MODEL_DIR / CONTROLNET / "config.json").exists():
+        print(f"writing the tiny model's add-ons (ControlNet, …) in {TINY_MODEL_DIR} …")
+        build_tiny_addons(TINY_MODEL_DIR)
 
 
 async def play(studio: Studio) -> list[Step]:
@@ -119,6 +138,44 @@ async def play(studio: Studio) -> list[Step]:
         result = await finished(job_id_of(inter))
         return f"posted {len(result.attachments)} image(s), job {job_id_of(inter)}"
 
+    async def follow_sketch() -> str:
+        inter = await studio.command(
+            alice,
+            "generate",
+            {"prompt": "a cottage with a red door, watercolor", "control_strength": 1.0},
+            attachments=[("sketch.png", sketch(), "image/png")],
+        )
+        job = job_id_of(inter)
+        result = await finished(job)
+        return f"posted {len(result.attachments)} image(s), job {job}: the picture and its edge map"
+
+    async def vary_region() -> str:
+        picker = await studio.click(bob, state["first"], "Vary Region")  # type: ignore[arg-type]
+        message = picker.original
+        if message is None:
+            return "UNEXPECTED: no region picker"
+        select = next(c for c in message.iter_components() if c.get("type") == 3)
+        inter = await studio.sb.click(bob, message, select["custom_id"], values=["center"])
+        await inter.wait_response(5)
+        job = job_id_of(inter)
+        result = await finished(job)
+        return f"posted {len(result.attachments)} image(s), job {job}: the centre redone"
+
+    async def with_lora() -> str:
+        options = {"prompt": "a lighthouse on a cliff at dusk", "lora": "tiny-style:0.8", "seed": 1234}
+        inter = await studio.command(alice, "generate", options)
+        job = job_id_of(inter)
+        result = await finished(job)
+        shown = {f["name"]: f["value"] for f in result.embeds[0].get("fields", [])}
+        return f"posted {len(result.attachments)} image(s), job {job}: LoRAs {shown.get('LoRAs', 'UNEXPECTED: none')}"
+
+    async def draft() -> str:
+        inter = await studio.command(alice, "generate", {"prompt": "a lighthouse, quick sketch", "draft": True})
+        job = job_id_of(inter)
+        result = await finished(job)
+        shown = {f["name"]: f["value"] for f in result.embeds[0].get("fields", [])}
+        return f"posted {len(result.attachments)} image(s), job {job}: a draft in {shown.get('Steps', '?')} steps"
+
     async def lower_quota() -> str:
         inter = await studio.command(mod, "mod quota set", {"user": bob, "limit": 0.5})
         assert inter.response is not None
@@ -140,9 +197,30 @@ async def play(studio: Studio) -> list[Step]:
     await timed("bob clicks V2", click(bob, "grid", "V2"))
     await timed("alice clicks Variations", click(alice, "first", "Variations"))
     await timed("alice /refine with an uploaded image", refine())
+    await timed("alice /generate following a sketch (control)", follow_sketch())
+    await timed("bob clicks Vary Region, picks the centre", vary_region())
+    await timed("alice clicks Zoom Out", click(alice, "first", "Zoom Out"))
+    await timed("alice clicks Pan Right", click(alice, "first", "Pan Right"))
+    await timed("alice /generate with a LoRA", with_lora())
+    await timed("alice /generate draft:true", draft())
     await timed("mia (moderator) /mod quota set bob 0.5", lower_quota())
     await timed("bob /generate count:4 again", over_quota())
     return steps
+
+
+def sketch() -> bytes:
+    """A member's line drawing of a cottage: what the ControlNet step follows (its edges)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (512, 512), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((136, 240, 376, 420), outline="black", width=6)  # walls
+    draw.polygon([(116, 250), (256, 120), (396, 250)], outline="black", width=6)  # roof
+    draw.rectangle((230, 320, 282, 420), outline="black", width=6)  # door
+    draw.ellipse((400, 60, 470, 130), outline="black", width=6)  # the sun
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
 
 
 def readable(studio: Studio, text: str) -> str:

@@ -38,3 +38,14 @@ def tiny_models_config(tiny_model_dir: Path) -> dict[str, dict[str, object]]:
             "base_config": str(tiny_model_dir / "single" / "base-config"),
         },
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_addons_dir(tiny_model_dir: Path) -> Path:
+    """The tiny model's folder with its add-ons beside `base/` (engine.tiny_addons: LoRAs, an
+    embedding, a ControlNet, depth and pose estimators), written once per session."""
+    from engine.tiny_addons import ADDONS, build_tiny_addons
+
+    if not all((tiny_model_dir / relative).exists() for relative in ADDONS):
+        build_tiny_addons(tiny_model_dir)
+    return tiny_model_dir

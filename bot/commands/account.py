@@ -46,8 +46,11 @@ class Account(commands.Cog):
             return
         answer = first_response(interaction)  # deferred by itself if erasing takes long
         erased = await self.bot.wiring.actions.erase_history(interaction)
+        # A default negative prompt (/settings) is text the member wrote, too.
+        await self.bot.moderation.set_member_settings(interaction.user.id, negative=None)
         await answer.ephemeral(
-            f"Erased the prompts and images of {erased} job{'' if erased == 1 else 's'} of yours. "
+            f"Erased the prompts and images of {erased} job{'' if erased == 1 else 's'} of yours, "
+            "and your default negative prompt. "
             "Results already posted stay in their channels: delete them with their Delete button. "
             "Jobs still queued or running were left alone."
         )

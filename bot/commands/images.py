@@ -10,10 +10,12 @@ from discord import app_commands
 from discord.app_commands import Range
 from discord.ext import commands
 
+from bot import remix
 from bot.buttons import BLUE, INDEX, JOB_ID, ResultButton
-from bot.commands.common import atelier, model_autocomplete
+from bot.commands.common import atelier, lora_autocomplete, model_autocomplete
 from bot.intake import random_seed
 from bot.interactions import guarded
+from bot.loras import LORA_HELP, styled
 from engine import validate
 from engine.jobs import Job, JobOrder, Refine, Variations
 from engine.options import COUNT, STRENGTH
@@ -36,8 +38,9 @@ class Images(commands.Cog):
         prompt="What the image shows (helps the refiner)",
         strength=f"How much to change, {STRENGTH.low:g}–{STRENGTH.high:g} (default {REFINE_STRENGTH:g})",
         model="Model (default: yours, or the server's)",
+        lora=LORA_HELP,
     )
-    @app_commands.autocomplete(model=model_autocomplete)
+    @app_commands.autocomplete(model=model_autocomplete, lora=lora_autocomplete)
     async def refine(
         self,
         interaction: discord.Interaction,
@@ -45,13 +48,14 @@ class Images(commands.Cog):
         prompt: str | None = None,
         strength: Range[float, STRENGTH.low, STRENGTH.high] | None = None,
         model: str | None = None,
+        lora: str | None = None,
     ) -> None:
         async def work() -> None:
-            common = await self._common(interaction, prompt, model)
+            common, typed = await self._common(interaction, prompt, model, lora)
             job = Refine(
                 strength=validate.check_strength(strength if strength is not None else REFINE_STRENGTH), **common
             )
-            await self.bot.wiring.intake.attachment(interaction, image, job)
+            await self.bot.wiring.intake.attachment(interaction, image, job, typed=typed)
 
         await guarded(interaction, work)
 
@@ -62,8 +66,9 @@ class Images(commands.Cog):
         strength=f"How far from the original, {STRENGTH.low:g}–{STRENGTH.high:g} (default {VARIATIONS_STRENGTH:g})",
         count=f"How many variations, {COUNT.low}–{COUNT.high} (default {VARIATIONS_COUNT})",
         model="Model (default: yours, or the server's)",
+        lora=LORA_HELP,
     )
-    @app_commands.autocomplete(model=model_autocomplete)
+    @app_commands.autocomplete(model=model_autocomplete, lora=lora_autocomplete)
     async def variations(
         self,
         interaction: discord.Interaction,
@@ -72,9 +77,10 @@ class Images(commands.Cog):
         strength: Range[float, STRENGTH.low, STRENGTH.high] | None = None,
         count: Range[int, COUNT.low, COUNT.high] | None = None,
         model: str | None = None,
+        lora: str | None = None,
     ) -> None:
         async def work() -> None:
-            common = await self._common(interaction, prompt, model)
+            common, typed = await self._common(interaction, prompt, model, lora)
             number = validate.check_count(count if count is not None else VARIATIONS_COUNT)
             job = Variations(
                 strength=validate.check_strength(strength if strength is not None else VARIATIONS_STRENGTH),
@@ -82,24 +88,31 @@ class Images(commands.Cog):
                 max_image_bytes=self.bot.wiring.intake.image_byte_limit(interaction, number),
                 **common,
             )
-            await self.bot.wiring.intake.attachment(interaction, image, job)
+            await self.bot.wiring.intake.attachment(interaction, image, job, typed=typed)
 
         await guarded(interaction, work)
 
-    async def _common(self, interaction: discord.Interaction, prompt: str | None, model: str | None) -> dict[str, Any]:
+    async def _common(
+        self, interaction: discord.Interaction, prompt: str | None, model: str | None, lora: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The fields both commands share, and the member's own prompt when the job's differs
+        (the LoRAs' trigger words added)."""
         gen = self.bot.settings.generation
         prompt_text = validate.check_prompt(prompt, max_chars=gen.max_prompt_chars, required=False)
         model_name = await self.bot.wiring.intake.model(interaction, model)
-        await self.bot.wiring.intake.precheck(interaction, prompt_text)
-        return {
+        asked = styled(self.bot.settings, model=model_name, prompt=prompt_text, negative="", lora=lora)
+        await self.bot.wiring.intake.precheck(interaction, asked.prompt)
+        fields = {
             "job_id": "pending",
-            "prompt": prompt_text,
+            "prompt": asked.prompt,
+            "loras": asked.loras,
             "steps": gen.default_steps,
             "cfg": gen.default_cfg,
             "seed": random_seed(),
             "sampler": gen.default_sampler,
             "model": model_name,
         }
+        return fields, asked.typed
 
 
 class VariationsButton(ResultButton, template=rf"atelier:variations:{JOB_ID}:{INDEX}$"):
@@ -108,17 +121,19 @@ class VariationsButton(ResultButton, template=rf"atelier:variations:{JOB_ID}:{IN
     per_image, per_image_row = "V", 1
 
     async def act(self, interaction: discord.Interaction) -> None:
-        bot = atelier(interaction)
+        await remix.start(interaction, remix.Target(self.action, self.job_id, self.index))
 
-        def build(parent: JobOrder, fields: dict[str, Any]) -> Job:
-            limit = bot.wiring.intake.image_byte_limit(interaction, VARIATIONS_COUNT)
-            return Variations(**{**fields, "seed": random_seed()}, steps=parent.spec.steps, max_image_bytes=limit)
 
-        async def work() -> None:
-            parent = await bot.wiring.intake.parent(self.job_id)
-            await bot.wiring.intake.from_parent(interaction, parent, self.index, self.action, build)
+async def variations(interaction: discord.Interaction, target: remix.Target, prompt: str | None) -> None:
+    """Variations / V1…Vn: four variations of the image, with Remix's prompt when edited."""
+    intake = atelier(interaction).wiring.intake
 
-        await guarded(interaction, work)
+    def build(parent: JobOrder, fields: dict[str, Any]) -> Job:
+        limit = intake.image_byte_limit(interaction, VARIATIONS_COUNT)
+        return Variations(**{**fields, "seed": random_seed()}, steps=parent.spec.steps, max_image_bytes=limit)
+
+    parent = await intake.parent(target.job_id)
+    await intake.from_parent(interaction, parent, target.index, target.action, build, prompt=prompt)
 
 
 class RefineButton(ResultButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
@@ -140,6 +155,7 @@ class RefineButton(ResultButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
 async def setup(bot: AtelierBot) -> None:
     await bot.add_cog(Images(bot))
     bot.add_dynamic_items(VariationsButton, RefineButton)
+    remix.remixable(VariationsButton.action, variations)
 
 
 __all__ = ["Images", "RefineButton", "VariationsButton"]

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, ClassVar
 import discord
 from discord.ext import commands
 
+from bot import remix
 from bot.buttons import JOB_ID, RED, ResultButton
 from bot.commands.common import atelier
-from bot.interactions import guarded
 
 if TYPE_CHECKING:
     from bot.app import AtelierBot
@@ -20,12 +20,12 @@ class RerollButton(ResultButton, template=rf"atelier:reroll:{JOB_ID}$"):
     label, emoji, single, grid, indexed = "Reroll", "🎲", 0, 0, False
 
     async def act(self, interaction: discord.Interaction) -> None:
-        intake = atelier(interaction).wiring.intake
+        await remix.start(interaction, remix.Target(self.action, self.job_id))
 
-        async def work() -> None:
-            await intake.reroll(interaction, await intake.parent(self.job_id))
 
-        await guarded(interaction, work)
+async def reroll(interaction: discord.Interaction, target: remix.Target, prompt: str | None) -> None:
+    intake = atelier(interaction).wiring.intake
+    await intake.reroll(interaction, await intake.parent(target.job_id), prompt=prompt)
 
 
 class DeleteButton(ResultButton, template=rf"atelier:delete:{JOB_ID}$"):
@@ -43,3 +43,4 @@ class Results(commands.Cog):
 async def setup(bot: AtelierBot) -> None:
     await bot.add_cog(Results())
     bot.add_dynamic_items(RerollButton, DeleteButton)
+    remix.remixable(RerollButton.action, reroll)

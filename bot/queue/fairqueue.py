@@ -40,7 +40,8 @@ Caps
 Batching rule (``pop_batch``)
 -----------------------------
 The head job (what ``pop`` returns) is always first. After it, walking the current pop order and
-never leaving the head's server and band, a job with the head's shape key joins the batch when either
+never leaving the head's server and band, a job with the head's shape key (None never matches)
+that still fits the batch (``size``: the sizes add up to at most ``max_n``) joins it when either
 
 1. every job between it and the head joined too (it would be popped next anyway), or
 2. it belongs to the head's owner, is not a front job, and its start tag is within one *quantum*
@@ -84,6 +85,10 @@ class QueueEntry:
     enqueued_at: float | None = None
     payload: Any = field(default=None, repr=False)
     guild_id: int | None = None
+    # What decides batching (``pop_batch`` by the scheduler): jobs of equal, non-None shapes may
+    # run as one batched call, and `size` is what the job adds to it (its images).
+    shape: Hashable | None = None
+    size: int = 1
 
 
 @dataclass(eq=False)
@@ -152,6 +157,10 @@ class FairQueue:
         # and ETA reads it): it is kept until a job is attached, detached or taken. Aging only
         # changes it when some job reaches its next band, so `_age` skips until then.
         self._order_cache: list[_Item] | None = None
+        # Each job's (position, units queued ahead of it) in that order, built on the first
+        # question after a change: a burst's cards and ETAs then cost one walk, not one each.
+        self._places: dict[str, tuple[int, float]] = {}
+        self._places_of: list[_Item] | None = None
         self._next_aging = math.inf
 
     # ------------------------------------------------------------------ admission
@@ -163,9 +172,10 @@ class FairQueue:
         if self.global_cap is not None and len(self._items) + extra_global >= self.global_cap:
             raise QueueFull("global_cap", limit=self.global_cap)
 
-    def push(self, entry: QueueEntry, *, front: bool = False, enforce_caps: bool = True) -> int:
-        """Queue a job; returns its position (1-based). Raises ``QueueFull`` (when ``enforce_caps``)
-        or ``ValueError`` for a job id already queued."""
+    def push(self, entry: QueueEntry, *, front: bool = False, enforce_caps: bool = True, placed: bool = True) -> int:
+        """Queue a job; returns its position (1-based; 0 without ``placed``, which spares a
+        caller that does not read it, e.g. a burst of pushes, rebuilding the order for each).
+        Raises ``QueueFull`` (when ``enforce_caps``) or ``ValueError`` for a job id already queued."""
         if entry.job_id in self._items:
             raise ValueError(f"job {entry.job_id} is already queued")
         if entry.cost < 0 or not math.isfinite(entry.cost) or entry.weight <= 0 or entry.band < 0:
@@ -180,7 +190,7 @@ class FairQueue:
         self._next_aging = min(self._next_aging, self._next_promotion(item, now))
         self._items[entry.job_id] = item
         self._per_user[entry.owner_id] += 1
-        return self.position(entry.job_id) or 0
+        return (self.position(entry.job_id) or 0) if placed else 0
 
     # ------------------------------------------------------------------ taking work
     def pop(self) -> QueueEntry | None:
@@ -209,9 +219,15 @@ class FairQueue:
     def is_paused(self, guild_id: int | None) -> bool:
         return guild_id in self._paused
 
-    def pop_batch(self, max_n: int, key: Callable[[QueueEntry], Hashable]) -> list[QueueEntry]:
-        """The head job plus up to ``max_n - 1`` jobs with the same ``key``, chosen by the rule in
-        the module docstring. Empty list when the queue is empty."""
+    def pop_batch(
+        self,
+        max_n: int,
+        key: Callable[[QueueEntry], Hashable | None],
+        size: Callable[[QueueEntry], int] = lambda entry: 1,
+    ) -> list[QueueEntry]:
+        """The head job plus jobs with the same ``key`` (not None) whose ``size`` adds up to at
+        most ``max_n`` (the head always comes, whatever its size), chosen by the rule in the module
+        docstring. Empty list when the queue is empty."""
         order = self._order()
         if not order or max_n < 1:
             return []
@@ -219,22 +235,26 @@ class FairQueue:
         if head.server in self._paused:
             return []
         head_key = key(head.entry)
-        band = [i for i in order if i.band == head.band and i.server == head.server]
-        quantum = max(self._tag_cost(i) for i in band)
         batch, advance = [head], [True]
+        room = max_n - size(head.entry)
+        band = [i for i in order if i.band == head.band and i.server == head.server] if head_key is not None else []
+        quantum = max((self._tag_cost(i) for i in band), default=0.0)
         contiguous = True
         for item in band[1:]:
-            if len(batch) >= max_n:
+            if room <= 0:
                 break
-            same_shape = key(item.entry) == head_key
+            fits = size(item.entry) <= room
+            same_shape = fits and key(item.entry) == head_key
             if contiguous and same_shape:
                 batch.append(item)
                 advance.append(True)
+                room -= size(item.entry)
                 continue
             contiguous = False
             if same_shape and item.owner == head.owner and not item.front and item.start <= head.start + quantum:
                 batch.append(item)
                 advance.append(False)
+                room -= size(item.entry)
         for item, adv in zip(batch, advance, strict=True):
             self._take(item, advance=adv)
         return [i.entry for i in batch]
@@ -251,12 +271,23 @@ class FairQueue:
     # ------------------------------------------------------------------ queries
     def position(self, job_id: str) -> int | None:
         """1-based place in the order ``pop`` would give right now; None if not queued."""
+        place = self.place(job_id)
+        return None if place is None else place[0]
+
+    def place(self, job_id: str) -> tuple[int, float] | None:
+        """(position, the cost of every job ahead of it) in the order ``pop`` would give right
+        now; None if not queued."""
         if job_id not in self._items:
             return None
-        for index, item in enumerate(self._order(), start=1):
-            if item.entry.job_id == job_id:
-                return index
-        return None  # pragma: no cover - unreachable
+        order = self._order()
+        if self._places_of is not order:
+            places: dict[str, tuple[int, float]] = {}
+            ahead = 0.0
+            for index, item in enumerate(order, start=1):
+                places[item.entry.job_id] = (index, ahead)
+                ahead += item.entry.cost
+            self._places, self._places_of = places, order
+        return self._places.get(job_id)
 
     def snapshot(self) -> list[QueueEntry]:
         """Every queued job, in pop order."""

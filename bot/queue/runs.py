@@ -10,6 +10,9 @@ Outcomes of one attempt:
   ``attempts < max_attempts``, else ``mark_failed`` (refund) → ``Failed``.
 * ``EngineError(retryable=False)`` → ``mark_failed`` → ``Failed``.
 * ``JobCancelled`` → ``mark_cancelled`` (refund) → ``Cancelled``.
+
+A member of a batch (bot.queue.batching) is a run like any other: it hands its engine job to its
+``RunGroup`` instead of submitting it, and gets its own stream back; every outcome above is its own.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Literal, Protocol
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_any, wait_exponential
 from tenacity.stop import stop_base
 
+from bot.queue.batching import RunGroup
 from bot.queue.eta import EtaEstimator
 from bot.queue.fairqueue import QueueEntry
 from bot.queue.ports import FINAL_STATUSES, JobStorePort, describe_images, terminal_event
@@ -69,9 +73,10 @@ class RunHost(Protocol):
 
 
 class JobRun:
-    def __init__(self, host: RunHost, entry: QueueEntry, started_at: float) -> None:
+    def __init__(self, host: RunHost, entry: QueueEntry, started_at: float, group: RunGroup | None = None) -> None:
         self.host = host
         self.entry = entry
+        self.group = group  # the batch it runs in (None: alone)
         self.record: Any = entry.payload
         self.started_at = started_at
         self.task: asyncio.Task[None] | None = None
@@ -89,6 +94,11 @@ class JobRun:
     def job_id(self) -> str:
         return self.entry.job_id
 
+    @property
+    def slot_key(self) -> object:
+        """What holds an engine slot: the run alone, or its whole batch."""
+        return self.group if self.group is not None else self
+
     def remaining_cost(self) -> float:
         done = 0.0
         if self.progress is not None and self.progress.total > 0:
@@ -100,6 +110,8 @@ class JobRun:
         try:
             await self._execute()
         except asyncio.CancelledError:
+            if self.group is not None:
+                self.group.leave(self.job_id)
             if self.stop_requeue and not self.settled:
                 if self.cancel_requested:  # the user's cancel wins over the shutdown
                     await self._settle_cancelled()
@@ -110,6 +122,9 @@ class JobRun:
             log.exception("job=%s unexpected scheduler error", self.job_id)
             if not self.settled:
                 await self._settle_failed("internal error in the scheduler")
+        finally:
+            if self.group is not None:
+                self.group.leave(self.job_id)  # it never reached the engine: the others go without it
 
     async def _execute(self) -> None:
         host, job_id = self.host, self.job_id
@@ -164,7 +179,12 @@ class JobRun:
 
     async def _run_engine(self, job: Job) -> Result:
         result: Result | None = None
-        stream = self.host.engine.submit(job)
+        if self.group is None:
+            stream = self.host.engine.submit(job)
+        else:
+            stream = await self.group.join(self.job_id, job)
+            if self.cancel_unsent:  # cancelled while its batch gathered: the engine knows it now
+                await self.send_cancel()
         try:
             async for item in stream:
                 if isinstance(item, Result):

@@ -27,6 +27,10 @@ dispatches; the store's ``mark_running`` is then a claim that fails for a job so
 
 Caps: ``per_user_cap`` counts a user's queued *and* running jobs; ``global_cap`` counts queued jobs.
 
+Batches (bot.queue.batching): with ``batch_shape`` and an engine whose ``max_batch`` is over 1, the
+dispatch takes the head of the fair order with its same-shape companions (``FairQueue.pop_batch``)
+and runs them as one batched engine call in one slot; each member is still its own ``JobRun``.
+
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic
 
 from bot.errors import QueueFull
+from bot.queue.batching import RunGroup, batch_limit
 from bot.queue.bus import EventBus
 from bot.queue.eta import EtaEstimator
 from bot.queue.fairqueue import FairQueue, QueueEntry
@@ -100,6 +105,8 @@ class Scheduler(Generic[R]):
     jobs are kept for late subscribers, with their ``Result`` (image bytes) only for the last
     ``results_kept``. ``retry_delay``: dispatch pause after the store failed to mark a job running.
     ``stop_timeout``: the most ``stop`` waits, after ``grace``, for cancelled jobs to be requeued.
+    ``batch_shape(record) -> (shape, images) | None`` says which jobs may share a batched call
+    (bot.queue.batching.batch_shape; None or absent: no batching).
     A stopped scheduler is not restarted: build a new one over the same store.
     """
 
@@ -118,6 +125,7 @@ class Scheduler(Generic[R]):
         retry_delay: float = 1.0,
         stop_timeout: float = 3.0,
         may_dispatch: Callable[[], bool] | None = None,
+        batch_shape: Callable[[R], tuple[Hashable, int] | None] | None = None,
     ) -> None:
         # What each JobRun reads (bot.queue.runs.RunHost).
         self.store = store
@@ -145,6 +153,7 @@ class Scheduler(Generic[R]):
         self._hold_until = 0.0  # event-loop time before which nothing is dispatched (store trouble)
         self._loop_task: asyncio.Task[None] | None = None
         self._may_dispatch = may_dispatch
+        self._batch_shape = batch_shape
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -258,6 +267,11 @@ class Scheduler(Generic[R]):
         self._push(queue_entry(record))
         self._publish_positions()
         self._wake.set()
+        # Admissions committed together (db.admission) all push in this turn; their positions
+        # are then read from one new order instead of one each.
+        await asyncio.sleep(0)
+        if job_id in self._running:
+            return 0
         return self._queue.position(job_id) or 0
 
     async def cancel(self, job_id: str) -> bool:
@@ -364,7 +378,11 @@ class Scheduler(Generic[R]):
 
     def _push(self, entry: QueueEntry, *, front: bool = False) -> None:
         """Into the queue (caps were checked before); the job is told its place on the next turn."""
-        self._queue.push(entry, front=front, enforce_caps=False)
+        shape = None
+        if self._batch_shape is not None and entry.payload is not None:
+            shape = self._batch_shape(entry.payload)
+        entry.shape, entry.size = shape if shape is not None else (None, 1)
+        self._queue.push(entry, front=front, enforce_caps=False, placed=False)
         self._positions.new(entry.job_id)
 
     def _publish_positions(self) -> None:
@@ -398,18 +416,28 @@ class Scheduler(Generic[R]):
             and (self._may_dispatch is None or self._may_dispatch())
             and self._hold_until <= asyncio.get_running_loop().time()
             and self._slots_in_use() < self._slots() * (1 + self.prefetch())
-            and len(self._running) < self._slots() * (2 + self.prefetch())
+            and len({st.slot_key for st in self._running.values()}) < self._slots() * (2 + self.prefetch())
         ):
-            entry = self._queue.pop()
-            if entry is None:
+            entries = self._take()
+            if not entries:
                 break
-            self._positions.gone(entry.job_id)
-            run = JobRun(self, entry, self._clock())
-            self._running[entry.job_id] = run
-            run.task = asyncio.create_task(self._run(run), name=f"atelier-job-{entry.job_id}")
+            group = RunGroup(self.engine, [e.job_id for e in entries]) if len(entries) > 1 else None
+            for entry in entries:
+                self._positions.gone(entry.job_id)
+                run = JobRun(self, entry, self._clock(), group)
+                self._running[entry.job_id] = run
+                run.task = asyncio.create_task(self._run(run), name=f"atelier-job-{entry.job_id}")
             launched = True
         if launched:
             self._publish_positions()
+
+    def _take(self) -> list[QueueEntry]:
+        """The next job, with its batch companions when the engine batches."""
+        limit = batch_limit(self.engine) if self._batch_shape is not None else 1
+        if limit <= 1:
+            entry = self._queue.pop()
+            return [] if entry is None else [entry]
+        return self._queue.pop_batch(limit, key=lambda e: e.shape, size=lambda e: e.size)
 
     async def _run(self, run: JobRun) -> None:
         try:
@@ -455,7 +483,7 @@ class Scheduler(Generic[R]):
             return 0
 
     def _slots_in_use(self) -> int:
-        return sum(1 for st in self._running.values() if st.holds_slot)
+        return len({st.slot_key for st in self._running.values() if st.holds_slot})
 
     def _running_count(self, owner_id: int) -> int:
         return sum(1 for st in self._running.values() if st.entry.owner_id == owner_id)

@@ -56,13 +56,19 @@ class QueueViews:
         )
 
     def queued_view(self, job_id: str) -> JobView | None:
-        """One queued job's view (position and ETA need only the jobs ahead of it)."""
-        if job_id not in self._queue:
+        """One queued job's view: its place and the units ahead of it, kept by the queue until
+        the order changes, so a burst's views are not one walk each; the same figures as `walk`."""
+        band = self._queue.effective_band(job_id)  # first: it applies any aging due
+        place = self._queue.place(job_id)
+        entry = self._queue.get(job_id)
+        if place is None or entry is None or band is None:
             return None
-        for step in self.walk():
-            if step[1].job_id == job_id:
-                return self.queued(*step)
-        return None  # pragma: no cover - it is queued
+        position, ahead = place
+        running = sum(st.remaining_cost() for st in self._running.values())
+        eta = self.estimator.eta(
+            cost_ahead=ahead, running_remaining=running, own_cost=entry.cost, slots=max(1, self._slots())
+        )
+        return self.queued(position, entry, band, eta if math.isfinite(eta) else 0.0)
 
     def running_views(self) -> list[JobView]:
         return [

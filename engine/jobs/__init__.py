@@ -21,14 +21,17 @@ from engine.jobs.base import (
     img2img_steps,
     units,
 )
+from engine.jobs.edit import EDIT, Edit
+from engine.jobs.pan import PAN, Pan
 from engine.jobs.refine import REFINE, Refine
 from engine.jobs.text2img import TEXT2IMG, Text2Img
 from engine.jobs.upscale import UPSCALE, Upscale
 from engine.jobs.variations import VARIATIONS, Variations
+from engine.jobs.zoom import ZOOM, Zoom
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (TEXT2IMG, REFINE, VARIATIONS, UPSCALE)}
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (TEXT2IMG, REFINE, VARIATIONS, UPSCALE, EDIT, ZOOM, PAN)}
 
-Job = Text2Img | Refine | Variations | Upscale
+Job = Text2Img | Refine | Variations | Upscale | Edit | Zoom | Pan
 
 
 def kind_of(name: str) -> JobKind:
@@ -51,17 +54,20 @@ def label_of(kind: str) -> str:
 
 __all__ = [
     "KINDS",
+    "Edit",
     "ImageJob",
     "Job",
     "JobBase",
     "JobKind",
     "JobOrder",
     "Limits",
+    "Pan",
     "Parent",
     "Refine",
     "Text2Img",
     "Upscale",
     "Variations",
+    "Zoom",
     "image_seeds",
     "img2img_steps",
     "kind_of",

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
-from engine import validate
+from engine import styles, validate
 from engine.options import CFG, DEFAULT_SAMPLER, STEPS, STRENGTH
 
 SCHEMA_VERSION = 1
@@ -48,6 +48,8 @@ class Limits:
     max_attachment_bytes: int
     max_attachment_pixels: int
     upscale_max_side: int
+    # The LoRAs, embeddings, styles and draft adapters jobs may use (none when not given).
+    catalog: styles.Catalog = field(default_factory=styles.Catalog)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,15 +64,47 @@ class JobBase:
     seed: int = 0
     sampler: str = DEFAULT_SAMPLER
     model: str = ""
+    # LoRAs as (name, weight) pairs, activated for every kind before its pipeline call; the style
+    # preset the job was made with (its prompt, LoRAs and settings are already in the fields);
+    # draft mode: the model's few-step adapter, with `sampler` one of its draft samplers.
+    loras: tuple[tuple[str, float], ...] = ()
+    style: str = ""
+    draft: bool = False
     # Largest encoded size of one image, in bytes; over it the engine falls back to WebP/JPEG.
     max_image_bytes: int | None = None
 
     kind: ClassVar[str] = ""
     prompt_required: ClassVar[bool] = False
+    # Whether jobs of this kind may share one batched pipeline call (see `batch_key`); its engine
+    # module then has `run_batch` beside `run`.
+    batchable: ClassVar[bool] = False
+    # What may differ between the members of one batch: each its own id, prompts, seeds, images.
+    PER_JOB_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"job_id", "prompt", "negative", "seed", "count", "max_image_bytes"}
+    )
 
     @property
     def image_count(self) -> int:
         return 1
+
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Jobs with equal keys may run as ONE batched pipeline call: the same kind and every
+        setting equal (model, size, steps, sampler, cfg, refiner, and whatever a kind adds: LoRAs,
+        draft mode, ...), only `PER_JOB_FIELDS` differing. None: the job runs alone (its kind does
+        not batch, or it carries an input image, e.g. a control image)."""
+        if not self.batchable:
+            return None
+        key: list[Any] = [self.kind]
+        for f in dataclasses.fields(self):
+            if f.name in self.PER_JOB_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bytes | bytearray):
+                if value:
+                    return None
+                continue
+            key.append((f.name, _frozen(value)))
+        return tuple(key)
 
     def cost(self, input_size: tuple[int, int] | None = None) -> float:
         """Compute units: pixels generated × steps actually run × images. `input_size` (the
@@ -89,8 +123,17 @@ class JobBase:
         validate.check_steps(self.steps)
         validate.check_cfg(self.cfg)
         validate.check_seed(self.seed)
-        validate.check_sampler(self.sampler)
+        if not self.draft:
+            validate.check_sampler(self.sampler)  # a draft's sampler is checked with its adapter
         validate.check_model(self.model, limits.models)
+        styles.check_job(
+            limits.catalog,
+            model=self.model,
+            loras=self.loras,
+            texts=(self.prompt, self.negative),
+            draft=self.draft,
+            sampler=self.sampler,
+        )
         if self.max_image_bytes is not None:
             validate.check_image_byte_limit(self.max_image_bytes)
 
@@ -98,6 +141,11 @@ class JobBase:
         """What this kind adds to the A1111 `parameters` written into each image (besides the
         prompt, steps, sampler, cfg, seed, size and model every image has). `refiner` is the
         model's refiner (None: it has none)."""
+        return {}
+
+    def result_fields(self) -> dict[str, str]:
+        """What this kind adds to its result's embed (field name → value), besides the fields
+        every result shows."""
         return {}
 
     # ------------------------------------------------------------------ storage
@@ -111,9 +159,20 @@ class JobBase:
         schema) are left out."""
         names = {f.name for f in dataclasses.fields(cls)} - {"job_id", "image"}
         kwargs = {key: value for key, value in params.items() if key in names}
+        if "loras" in kwargs:  # JSON keeps the pairs as lists
+            kwargs["loras"] = tuple((str(name), float(weight)) for name, weight in kwargs["loras"])
         if image is not None:
             kwargs["image"] = image
         return cls(job_id=job_id, **kwargs)
+
+
+def _frozen(value: Any) -> Any:
+    """A field's value as something hashable (lists and dicts of a spec, e.g. a LoRA list)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +181,9 @@ class ImageJob(JobBase):
 
     image: bytes = field(default=b"", repr=False)
     strength: float = STRENGTH.default
+
+    # Whether a source larger than ~1 MP keeps its resolution (validate.input_work_size): edits.
+    keep_resolution: ClassVar[bool] = False
 
     @property
     def output_scale(self) -> int:
@@ -188,6 +250,8 @@ class JobOrder:
     input_size: tuple[int, int] | None = None
     input_url: str | None = None
     aspect: str | None = None  # the aspect choice a text2img job was made with
+    control_url: str | None = None  # where a control image was uploaded (a Reroll fetches it again)
+    typed: str | None = None  # the member's own prompt, when a style or LoRA trigger words changed it
 
     def to_json(self) -> dict[str, Any]:
         data = {"v": SCHEMA_VERSION, **self.spec.to_params()}
@@ -199,6 +263,10 @@ class JobOrder:
             data["input_url"] = self.input_url
         if self.aspect is not None:
             data["aspect"] = self.aspect
+        if self.control_url is not None:
+            data["control_url"] = self.control_url
+        if self.typed is not None:
+            data["typed"] = self.typed
         return data
 
     @classmethod
@@ -214,6 +282,8 @@ class JobOrder:
             input_size=(int(size[0]), int(size[1])) if size else None,
             input_url=data.get("input_url"),
             aspect=data.get("aspect"),
+            control_url=data.get("control_url"),
+            typed=data.get("typed"),
         )
 
 

@@ -2,14 +2,20 @@
 latents to the refiner for the rest ("ensemble of experts"); the base alone when the job says
 `refiner=False` or the model has none. All `count` images run as ONE batched call with one
 torch.Generator per image seeded `image_seeds(seed, count)`, so image i is the same image as the
-job with seed+i and count 1."""
+job with seed+i and count 1.
+
+Queued jobs of one shape (`Text2Img.batch_key`) run together the same way: `run_batch` is the one
+text2img call, and a job alone is a batch of one (engine.batch: each job's own prompts, seeds,
+progress and cancel)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.batch import batch_steps, joined, shape_groups, split_outputs
 from engine.callbacks import JobSteps
+from engine.control import prepare as prepare_control
 from engine.jobs import Text2Img, image_seeds
 from engine.pipelines import (
     Generated,
@@ -24,8 +30,18 @@ from engine.prompts import encode_prompt
 
 
 def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSteps]) -> list[Generated]:
+    return run_batch(runner, model, [job], [track])[0]
+
+
+def run_batch(
+    runner: Runner, model: Any, jobs: Sequence[Text2Img], tracks: Sequence[Callable[[int], JobSteps]]
+) -> list[list[Generated]]:
+    """Each job's images; `jobs` share one `batch_key`, so `job` (the first) speaks for all in
+    everything but prompts, seeds and counts."""
+    job = jobs[0]
     frac = runner.engine.high_noise_frac
-    seeds = image_seeds(job.seed, job.count)
+    counts = [j.count for j in jobs]
+    seeds = [seed for j in jobs for seed in image_seeds(j.seed, j.count)]
     micro = micro_conditioning(job.width, job.height)
 
     # Plan: which experts run, and how many steps each.
@@ -37,17 +53,34 @@ def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSte
         use_refiner = False
         base_steps = planned_steps(model.base, job.sampler, job.steps)
         refiner_steps = 0
-    steps = track(base_steps + refiner_steps)
-    cfg_off = runner.cfg_cutoff_step(steps.total, job.cfg)
+    cfg_off = runner.cfg_cutoff_step(base_steps + refiner_steps, job.cfg)
+    guidance = job.cfg if cfg_off is None or cfg_off > base_steps else 1.0  # the refiner's: cut off already?
+    base_conds = [encode_prompt(model.base, j.prompt, j.negative, guidance=job.cfg > 1) for j in jobs]
+    refiner_conds = [
+        encode_prompt(model.refiner, j.prompt, j.negative, guidance=guidance > 1) for j in jobs if use_refiner
+    ]
+    if len(jobs) > 1 and len(groups := shape_groups(base_conds, refiner_conds)) > 1:
+        # Embeddings of different lengths would have to be padded, changing the images: one call each.
+        out: list[list[Generated]] = [[] for _ in jobs]
+        for group in groups:
+            parts = run_batch(runner, model, [jobs[i] for i in group], [tracks[i] for i in group])
+            for i, made in zip(group, parts, strict=True):
+                out[i] = made
+        return out
+    steps = batch_steps(tracks, base_steps + refiner_steps, counts)
+    # A ControlNet steers the base (engine.control); such a job runs alone (its batch_key is None).
+    control = prepare_control(runner, model, job, images=len(seeds)) if job.control else None
 
     # 1. Base: all of the schedule, or its high-noise part.
-    base, tap = fresh_pipeline(model.base, job.sampler, images=job.count, exact=runner.exact_batches)
-    cond = encode_prompt(model.base, job.prompt, job.negative, guidance=job.cfg > 1)
-    callback = steps.callback("base", planned=base_steps, tap=tap, cfg_off_after=cfg_off)
+    base_pipe = control.view if control is not None else model.base
+    base, tap = fresh_pipeline(base_pipe, job.sampler, images=len(seeds), exact=runner.exact_batches)
+    if control is not None:
+        callback = control.callback(steps, planned=base_steps, tap=tap, cfg_off_after=cfg_off)
+    else:
+        callback = steps.callback("base", planned=base_steps, tap=tap, cfg_off_after=cfg_off)
     noise = generators(seeds)
     latents = base(
-        **cond.pipeline_kwargs(),
-        num_images_per_prompt=job.count,
+        **joined(base_conds, counts),
         width=job.width,
         height=job.height,
         num_inference_steps=job.steps,
@@ -57,15 +90,14 @@ def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSte
         output_type="latent",
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        **(control.kwargs if control is not None else {}),
         **micro,
     ).images
 
     # 2. Refiner: the low-noise rest of the schedule, on the base's latents.
     if use_refiner:
         steps.check_cancelled()
-        refiner, tap = fresh_pipeline(model.refiner, job.sampler, images=job.count, exact=runner.exact_batches)
-        guidance = job.cfg if cfg_off is None or cfg_off > base_steps else 1.0  # cut off already?
-        cond = encode_prompt(model.refiner, job.prompt, job.negative, guidance=guidance > 1)
+        refiner, tap = fresh_pipeline(model.refiner, job.sampler, images=len(seeds), exact=runner.exact_batches)
         callback = steps.callback(
             "refiner",
             planned=refiner_steps,
@@ -73,9 +105,8 @@ def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSte
             cfg_off_after=cfg_off - base_steps if guidance > 1 and cfg_off is not None else None,
         )
         latents = refiner(
-            **cond.pipeline_kwargs(),
+            **joined(refiner_conds, counts),
             image=latents,
-            num_images_per_prompt=job.count,
             num_inference_steps=job.steps,
             denoising_start=frac,
             guidance_scale=guidance,
@@ -91,4 +122,5 @@ def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSte
     # 3. Decode.
     steps.check_cancelled()
     images = decode_latents(model.base, latents)
-    return [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
+    made = [Generated(image, seed) for image, seed in zip(images, seeds, strict=True)]
+    return split_outputs(control.outputs(made) if control is not None else made, counts)

@@ -2,16 +2,21 @@
 ESRGAN pre-pass (spandrel), a ControlNet job (diffusers' ControlNetModel), a job with three LoRAs
 (peft), and the peak memory with all of it loaded at once.
 
-The engine has no LoRA or ControlNet job yet: those run through diffusers on the engine's own
-modules (LoRAs loaded into the shared UNet with `load_lora_weights`, so the in-process Runner
-runs with them too). Order: ControlNet first (`ControlNetModel.from_unet` needs a UNet without
-LoRA layers), then the LoRAs, then both together; `cleanup` restores the model before compile.
+The ControlNet job runs on both sides: a random ControlNet is written as a diffusers folder and
+loaded by the engine's own code (`[controlnets.edges]`, engine.control), and the bare pipeline
+(`from_pipe` on the engine's base) uses that same loaded ControlNet, so nothing is held twice. The
+LoRAs run through diffusers on the engine's own modules (loaded into the shared UNet with
+`load_lora_weights`, so the in-process Runner runs with them too). Order: ControlNet first
+(`ControlNetModel.from_unet` needs a UNet without LoRA layers), then the LoRAs, then both
+together; `cleanup` restores the model before compile.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -99,11 +104,14 @@ def upscale(bench: Bench, result: SectionResult) -> None:
 
 def controlnet(bench: Bench, result: SectionResult) -> None:
     """A random ControlNet made from the base UNet (`from_unet`), base + ControlNet with the
-    refiner hand-off, kept loaded for the LoRA section's all-at-once memory figure."""
+    refiner hand-off, bare and through the engine's Runner (a control job with the map given as
+    is: the same call), kept loaded for the LoRA section's all-at-once memory figure."""
     try:
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     except ImportError as exc:
         raise Skip(f"this diffusers has no SDXL ControlNet ({exc})") from None
+    from config.settings import ControlNetSettings
+    from engine.control import controlnet_for
     from engine.fullsize import creation_context
 
     loaded = bench.use_dtype(bench.profile.main_dtype)
@@ -111,12 +119,20 @@ def controlnet(bench: Bench, result: SectionResult) -> None:
     section = f"controlnet {loaded.dtype}"
     # Created on the device in the model's dtype (no fp32 copy in CPU RAM), weights from the UNet.
     with creation_context(device, model.dtype):
-        net = ControlNetModel.from_unet(model.base.unet)
-    net = net.to(device=device, dtype=model.dtype).eval().requires_grad_(False)
+        made = ControlNetModel.from_unet(model.base.unet)
+    made = made.to(device=device, dtype=model.dtype).eval().requires_grad_(False)
     with torch.no_grad():
         # from_unet zero-initialises the zero-convolutions: such a ControlNet would change nothing.
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        for conv in [*made.controlnet_down_blocks, made.controlnet_mid_block]:
             conv.weight.normal_(0.0, 0.02)
+    folder = bench.workdir / "controlnet"
+    save = functools.partial(made.save_pretrained, folder, safe_serialization=True)
+    _, save_s = timed(device, save)
+    del made, save
+    free_device_memory(device)
+    # The engine loads it as an operator's [controlnets.edges] (engine.control), onto the device.
+    loaded.registry.controlnets = {"edges": ControlNetSettings(model=str(folder))}
+    (net, _), load_s = timed(device, lambda: controlnet_for(loaded.registry, model, "edges"))
     pipe = StableDiffusionXLControlNetPipeline.from_pipe(
         model.base, controlnet=net, scheduler=dpm_karras(model.base), **dtype_kwarg(model.dtype)
     )
@@ -125,16 +141,46 @@ def controlnet(bench: Bench, result: SectionResult) -> None:
     bench.extras["controlnet"] = (net, pipe, control)
     params = sum(p.numel() for p in net.parameters())
 
-    times, peak = run_controlnet(bench, profile.reps + 1)
+    times, runner, peak = [], [], 0.0
+    for _ in range(profile.reps + 1):  # the sides alternate; the first job of each warms it up
+        bare, top = run_controlnet(bench, 1)
+        times, peak = times + bare, max(peak, top)
+        runner += run_controlnet_engine(bench, 1)
     result.rows.append(
         Row(
             section,
             "text2img + ControlNet (scale 0.5), base → refiner, batch 1",
             bare=median(times[1:]),
+            runner=median(runner[1:]),
             note=f"first {times[0]:.2f} s; ControlNet {params / 1e6:.0f} M params",
         )
     )
+    result.rows.append(
+        Row(
+            section, "ControlNet written, then loaded by the engine", value=save_s + load_s, note=f"load {load_s:.2f} s"
+        )
+    )
     result.rows.append(Row(section, "peak memory, base + refiner + ControlNet", value=peak, unit="GiB"))
+
+
+def run_controlnet_engine(bench: Bench, reps: int) -> list[float]:
+    """The same job as `run_controlnet`'s through the engine's Runner: the noise image given as the
+    map (`control_as_is`), scale 0.5, the ControlNet over the whole base part (guidance 0–1, as
+    diffusers' default the bare call uses)."""
+    _net, _pipe, control = bench.extras["controlnet"]
+    loaded, device = bench.current(), bench.device
+    times = []
+    for _ in range(reps):
+        job = replace(
+            bench.jobs.text2img("controlnet-engine"),
+            control="edges",
+            control_as_is=True,
+            control_image=_png(control),
+            control_strength=0.5,
+            control_guidance_end=1.0,
+        )
+        times.append(timed(device, lambda job=job: run_job(loaded.runner, job))[1])
+    return times
 
 
 def run_controlnet(bench: Bench, reps: int) -> tuple[list[float], float]:

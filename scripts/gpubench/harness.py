@@ -199,6 +199,23 @@ class BareSDXL:
             finished = time.perf_counter()
         return list(out), {"base": base_done - started, "refiner": finished - base_done if use_refiner else 0.0}
 
+    def run_many(self, texts: list[tuple[str, str, int]], *, size: int, steps: int) -> list[Image.Image]:
+        """One diffusers call for several prompts (its own batching: prompt lists, a generator
+        per image), base → refiner: what the batched engine call is compared with."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in texts]
+        common = {
+            "prompt": [p for p, _, _ in texts],
+            "negative_prompt": [n for _, n, _ in texts],
+            "num_inference_steps": steps,
+            "guidance_scale": CFG,
+            "generator": generators,
+        }
+        with torch.inference_mode():
+            if self.refiner is None:
+                return list(self.base(**common, width=size, height=size).images)
+            latents = self.base(**common, width=size, height=size, denoising_end=self.frac, output_type="latent").images
+            return list(self.refiner(**common, image=latents, denoising_start=self.frac).images)
+
 
 @dataclass
 class Loaded:
@@ -241,6 +258,10 @@ class Jobs:
     def texts(self, side: str) -> tuple[str, str, int]:
         n = next(self.counter)
         return f"{PROMPT}, study {side} {n}", f"{NEGATIVE}, draft {side} {n}", 1000 + n
+
+    def batch(self, side: str, count: int) -> list[Any]:
+        """`count` queued jobs of one shape: their own prompts, negatives and seeds."""
+        return [self.text2img(side) for _ in range(count)]
 
     def text2img(self, side: str, *, count: int = 1, refiner: bool = True) -> Any:
         from engine.jobs import Text2Img

@@ -205,6 +205,42 @@ def batches(bench: Bench, result: SectionResult) -> None:
             figure = f"count {count}, per image (Runner: exact_batches=False)"
             result.rows.append(Row(section, figure, bare=per["bare"], runner=fast["runner"][0] / count))
             result.rows.append(_peak_row(section, f"peak memory, count {count}, exact_batches=False", fast_peaks, kind))
+    for count in counts:
+        _queued_jobs(bench, result, section, loaded.runner, batched, count)
+
+
+def _queued_jobs(bench: Bench, result: SectionResult, section: str, exact: Any, fast: Any, count: int) -> None:
+    """`count` queued jobs of one shape (their own prompts and seeds), per image: one after
+    another against one batched call (`Runner.run_batch`, what the scheduler sends when
+    `[engine] max_batch` allows), with exact batches and without. The bare column is the same
+    jobs as one diffusers call with `count` prompts (diffusers' own batching)."""
+    device, profile = bench.device, bench.profile
+    kind = PeakMemory(device).kind
+
+    def alone() -> None:
+        for job in bench.jobs.batch(f"seq{count}", count):
+            run_job(exact, job)
+
+    def together(runner: Any) -> None:
+        jobs = bench.jobs.batch(f"batch{count}", count)
+        runner.run_batch(jobs, on_progress=lambda _p: None, cancelled=lambda _j: False)
+
+    def bare() -> None:
+        texts = [bench.jobs.texts("bare-batch") for _ in range(count)]
+        bench.current().bare.run_many(texts, size=profile.size, steps=profile.steps)
+
+    _, one_by_one = timed(device, alone)
+    with PeakMemory(device) as peak:
+        _, batched = timed(device, lambda: together(exact))
+    _, batched_fast = timed(device, lambda: together(fast))
+    _, bare_s = timed(device, bare)
+    note = f"one after another: {one_by_one / count:.3f} s per image; exact_batches=False: {batched_fast / count:.3f} s"
+    figure = f"{count} queued jobs of one shape, one batched call, per image (Runner.run_batch, exact)"
+    result.rows.append(Row(section, figure, bare=bare_s / count, runner=batched / count, note=note))
+    result.rows.append(
+        Row(section, f"{count} queued jobs: batched ÷ one after another", value=one_by_one / batched, unit="×",
+            note=f"exact; exact_batches=False: {one_by_one / batched_fast:.2f}×, peak {peak.gib:.2f} GiB ({kind})")
+    )  # fmt: skip
 
 
 def client(bench: Bench, result: SectionResult) -> None:
@@ -369,7 +405,7 @@ def estimates(bench: Bench) -> dict[str, Callable[[], float]]:
     extra_batches = sum(c for c in bench.profile.batches if c > 1)
     return {
         "text2img": lambda: load_s + image * (2 + 4 * reps) + 2,
-        "batch": lambda: image * (2 * extra_batches + max(bench.profile.batches)),
+        "batch": lambda: image * (2 * extra_batches + max(bench.profile.batches) + 4 * extra_batches),
         "client": lambda: 2 * load_s + 10 + image * (1 + 3 * reps),
         "switch": lambda: load_s + 2 * max(2, reps) * 0.4 * load_s,
         "upscale": lambda: image * 2 * max(1, reps) + 10,

@@ -21,7 +21,9 @@ Two set-ups, each with its own row in the report:
 Queue caps and quotas are raised through settings overrides so every request is accepted.
 ``ATELIER_BENCH_BURSTS`` (default ``25,50,100,200,200,200``) sets the burst sizes, in order;
 ``ATELIER_BENCH_PROFILE=FILE`` profiles the event loop's thread during the bursts of the one-process
-variant (cProfile) and prints where the time goes.
+variant (cProfile) and prints where the time goes; ``ATELIER_BENCH_PYSPY=FILE`` samples the bot
+process of the other variant with py-spy from the first burst to the last (collapsed stacks in
+FILE) and prints the functions the samples were in, by own and by total share.
 """
 
 from __future__ import annotations
@@ -31,8 +33,14 @@ import cProfile
 import gc
 import os
 import pstats
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +61,7 @@ BURSTS = [int(n) for n in os.environ.get("ATELIER_BENCH_BURSTS", "25,50,100,200,
 EXTRA_EVERY = 10  # one /quota and one /queue per 10 members
 HOGS = 3  # long jobs keeping the engine busy
 PROFILE = os.environ.get("ATELIER_BENCH_PROFILE")
+PYSPY = os.environ.get("ATELIER_BENCH_PYSPY")
 GOAL_P99 = 0.250
 GOAL_BURST = 200
 DISCORD_LIMIT = 3.0
@@ -78,6 +87,10 @@ class Burst:
     drained: float = 0.0  # seconds until every interaction was answered or answered too late
     problems: list[str] = field(default_factory=list)
     deferred: int = 0  # answered in time by a deferral (the request path took over 2 s)
+    # The event-loop thread from the burst to its last answer: time on a CPU, and time runnable
+    # but waiting for one (the kernel's schedstat): what a shared 2-core machine takes away.
+    loop_ran: float = 0.0
+    loop_waited: float = 0.0
 
     @property
     def everything(self) -> list[float]:
@@ -86,13 +99,16 @@ class Burst:
 
 HEADER = (
     f"{'burst':<18} {'n':>4} {'missed':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'drained s':>9} "
-    f"{'CPU ms/req':>10} {'deferred':>8}"
+    f"{'CPU ms/req':>10} {'deferred':>8} {'loop ran ms':>11} {'waited ms':>9}"
 )
 
 
 def row(label: str, latencies: list[float], b: Burst | None = None) -> str:
     missed = sum(x == MISSED for x in latencies)
-    totals = f"{b.drained:>9.1f} {b.cpu / len(latencies) * 1000:>10.1f} {b.deferred:>8}" if b is not None else ""
+    totals = ""
+    if b is not None:
+        totals = f"{b.drained:>9.1f} {b.cpu / len(latencies) * 1000:>10.1f} {b.deferred:>8}"
+        totals += f" {b.loop_ran * 1000:>11.0f} {b.loop_waited * 1000:>9.0f}"
     return (
         f"{label:<18} {len(latencies):>4} {missed:>6} {ms(statistics.median(latencies))} "
         f"{ms(percentile(latencies, 99))} {ms(max(latencies))} {totals}"
@@ -108,6 +124,13 @@ class Target:
     channel: Channel
     engine_busy: Callable[[], bool]
     cpu_seconds: Callable[[], float]  # CPU time of the process the bot runs in
+    loop_thread: int  # native id of the thread running the bot's event loop
+
+    def loop_schedule(self) -> tuple[float, float]:
+        """(seconds on a CPU, seconds runnable but waiting for one) of the event-loop thread."""
+        with open(f"/proc/{self.loop_thread}/schedstat") as stat:
+            ran, waited, _ = stat.read().split()
+        return int(ran) / 1e9, int(waited) / 1e9
 
     def new_member(self, name: str) -> User:
         user = self.sb.add_user(name)
@@ -128,6 +151,7 @@ async def burst(target: Target, number: int, size: int) -> Burst:
     gc.collect()
     records: list[tuple[str, InteractionRecord]] = []
     cpu_before = target.cpu_seconds()
+    ran_before, waited_before = target.loop_schedule()
     started = time.perf_counter()
     for i, member in enumerate(members):
         options = {"prompt": f"burst {number} member {i}: a small boat", "steps": 2, "seed": i}
@@ -146,6 +170,8 @@ async def burst(target: Target, number: int, size: int) -> Burst:
         await asyncio.sleep(0.05)
     result.drained = time.perf_counter() - started
     result.cpu = target.cpu_seconds() - cpu_before
+    ran, waited = target.loop_schedule()
+    result.loop_ran, result.loop_waited = ran - ran_before, waited - waited_before
 
     def settled(rec: Any) -> bool:  # a deferral is finished once its message has content
         return rec.response is None or rec.response.type != DEFERRED or bool(rec.original and rec.original.content)
@@ -177,7 +203,48 @@ SETTINGS = {
 }
 
 
-async def run_bursts(target: Target, profiler: cProfile.Profile | None = None) -> list[Burst]:
+class PySpy:
+    """py-spy sampling another process from `enable()` on (it cannot pause), collapsed stacks."""
+
+    def __init__(self, pid: int, path: str) -> None:
+        self.pid, self.path = pid, path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def enable(self) -> None:
+        if self.process is None:
+            spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            command = [spy, "record", "--pid", str(self.pid), "--rate", "250", "--gil", "--format", "raw"]
+            command += ["-o", self.path]
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def disable(self) -> None:
+        return None  # sampling goes on until `stop`
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(30)
+
+    def summary(self, top: int = 30) -> str:
+        own: Counter[str] = Counter()
+        total: Counter[str] = Counter()
+        samples = 0
+        with open(self.path) as collapsed:
+            for line in collapsed:
+                stack, _, count = line.rstrip().rpartition(" ")
+                frames = stack.split(";")
+                samples += int(count)
+                own[frames[-1]] += int(count)
+                for frame in set(frames):
+                    total[frame] += int(count)
+        lines = [f"{samples} samples (250/s, the thread holding the GIL) of the bot during the bursts; own time:"]
+        lines += [f"{n / samples:6.1%}  {frame}" for frame, n in own.most_common(top)]
+        lines.append("total time (the frame or what it called):")
+        lines += [f"{n / samples:6.1%}  {frame}" for frame, n in total.most_common(top)]
+        return "\n".join(lines)
+
+
+async def run_bursts(target: Target, profiler: cProfile.Profile | PySpy | None = None) -> list[Burst]:
     # Keep the engine busy for the whole run: long 4-image jobs, one of them running.
     for i in range(HOGS):
         hog = target.new_member(f"hog{i}")
@@ -211,6 +278,16 @@ def summarize(title: str, bursts: list[Burst]) -> None:
             f"{'meets' if p99 < GOAL_P99 else 'MISSES'} the {GOAL_P99 * 1000:.0f} ms goal; "
             f"{missed} of {len(goal)} not answered within Discord's {DISCORD_LIMIT:.0f} s"
         )
+        big = [b for b in bursts if b.size == GOAL_BURST]
+        ran, waited = sum(b.loop_ran for b in big), sum(b.loop_waited for b in big)
+        lines.append(
+            f"event loop over those bursts: on a CPU {ran * 1000:.0f} ms, waiting for one {waited * 1000:.0f} ms "
+            f"({waited / max(1e-9, ran + waited):.0%} of its runnable time)"
+        )
+        report.record(
+            "bot", f"event loop in bursts of {GOAL_BURST}, {title}: on a CPU / waiting for a CPU",
+            f"{ran * 1000 / len(big):.0f} / {waited * 1000 / len(big):.0f} ms per burst",
+        )  # fmt: skip
         report.record(
             "bot", f"first response under bursts of {GOAL_BURST}, {title} (p50 / p99 / over 3 s)",
             f"{ms(percentile(goal, 50)).strip()} / {ms(p99).strip()} ms / {missed} of {len(goal)}",
@@ -242,11 +319,18 @@ async def test_first_response_bot_in_its_own_process(tiny_model_dir: Path, tmp_p
                 times = process.cpu_times()
                 return times.user + times.system
 
-            target = Target(sb, world["guild"], world["channel"], engine_busy, cpu_seconds)
-            bursts = await run_bursts(target)
+            target = Target(sb, world["guild"], world["channel"], engine_busy, cpu_seconds, bot.pid)
+            spy = PySpy(bot.pid, PYSPY) if PYSPY else None
+            try:
+                bursts = await run_bursts(target, spy)
+            finally:
+                if spy is not None:
+                    spy.stop()
         finally:
             await stop_bot(bot)
     summarize("bot in its own process", bursts)
+    if spy is not None:
+        print(spy.summary())
 
 
 async def test_first_response_bot_and_sandbox_in_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -257,7 +341,8 @@ async def test_first_response_bot_and_sandbox_in_one_process(tiny_model_dir: Pat
         def engine_busy() -> bool:
             return any(v.status == "running" for v in studio.bot.wiring.scheduler.snapshot())
 
-        target = Target(studio.sb, studio.guild, studio.channel, engine_busy, time.process_time)
+        loop_thread = threading.get_native_id()
+        target = Target(studio.sb, studio.guild, studio.channel, engine_busy, time.process_time, loop_thread)
         freeze_startup_heap()  # as `atelier run` does once the bot is set up
         try:
             bursts = await run_bursts(target, profiler)

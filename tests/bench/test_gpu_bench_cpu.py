@@ -53,7 +53,13 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path: Path) -> None:
         assert section["rows"], f"section {name!r} has no figures"
         for row in section["rows"]:
             for key in ("bare", "runner", "client", "value"):
-                if row[key] is not None:
+                if row[key] is None:
+                    continue
+                # A share may round to 0 on a loaded 2-core machine (the refiner's 20 % of 2 steps
+                # is within the noise of the decode it is measured against); a time may not.
+                if key == "value" and str(row["unit"]).startswith("%"):
+                    assert 0 <= row[key] <= 100, (name, row)
+                else:
                     assert row[key] > 0, (name, row)
 
     def row(section: str, figure_start: str) -> dict:

@@ -15,6 +15,8 @@ from sandbox import Channel, InteractionRecord, Message, Sandbox, StoredFile, Us
 from studio.harness import Studio, job_id_of
 
 TOTAL_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+# A one-image result's buttons after the contract's five (issue 14).
+EDITING_BUTTONS = ["Vary Region", "Zoom Out", "Pan Left", "Pan Right", "Pan Up", "Pan Down"]
 
 
 def labels(message: Message) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 from engine import validate
 from studio.harness import Studio
 from tests.e2e.member_kit import (
+    EDITING_BUTTONS,
     assert_queued,
     assert_refused,
     fields,
@@ -103,7 +104,7 @@ async def test_upscale_doubles_the_size(studio: Studio) -> None:
     f = fields(child)
     assert f["Size"] == "896×512" and f["Seed"] == "77" and f["Strength"] == "0.3"
     assert child.embeds[0]["author"]["name"].startswith("Upscale")
-    assert labels(child) == ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+    assert labels(child) == ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
     record = await job(studio, child_id)
     assert record.kind == "upscale" and record.params["parent"] == {"job": parent_id, "index": 0, "action": "upscale"}
     assert record.params["input_size"] == [448, 256]

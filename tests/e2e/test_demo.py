@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.e2e.member_kit import EDITING_BUTTONS
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 DEMO_TIMEOUT = 900  # s; ~50-100 s alone on 2 cores, more while other suites run
@@ -29,8 +31,10 @@ SCREEN_WIDTH = 1280
 SCREEN_HEIGHT = 16000  # tall enough for the whole page (~7000 px); checked below
 DISCORD_BG = (0x31, 0x33, 0x38)
 
-SINGLE_BUTTONS = ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+SINGLE_BUTTONS = ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
 GRID_BUTTONS = ["U1", "U2", "U3", "U4", "V1", "V2", "V3", "V4", "Reroll", "Delete"]
+# Steps whose result also shows a control map (an attachment drawn as the embed's thumbnail).
+CONTROL_MAPS = {"alice /generate following a sketch (control)"}
 STEP_LINE = re.compile(r"^\s+(?P<what>.+?)\s{2,}(?P<outcome>.+?)\s+\((?P<seconds>[\d.]+) s\)$")
 POSTED = re.compile(r"posted (\d+) image\(s\), job ([0-9A-Z]{8})")
 SUMMARY = re.compile(r"^demo finished in [\d.]+ s: (\d+) steps, (\d+) image files$", re.M)
@@ -43,6 +47,12 @@ EXPECTED_STEPS = [
     ("bob clicks V2", 4),
     ("alice clicks Variations", 4),
     ("alice /refine with an uploaded image", 1),
+    ("alice /generate following a sketch (control)", 2),  # the picture and its edge map (CONTROL_MAPS)
+    ("bob clicks Vary Region, picks the centre", 1),
+    ("alice clicks Zoom Out", 1),
+    ("alice clicks Pan Right", 1),
+    ("alice /generate with a LoRA", 1),
+    ("alice /generate draft:true", 1),
     ("mia (moderator) /mod quota set bob 0.5", 0),
     ("bob /generate count:4 again", 0),
 ]
@@ -106,7 +116,7 @@ def test_demo_exits_0_and_prints_the_summary(demo: DemoRun) -> None:
     for what, images in EXPECTED_STEPS:
         if images:
             assert demo.jobs[what][1] == images, (what, demo.steps[what])
-    assert len({job for job, _ in demo.jobs.values()}) == 7  # every accepted step is its own job
+    assert len({job for job, _ in demo.jobs.values()}) == len(demo.jobs)  # every accepted step is its own job
     assert demo.steps["mia (moderator) /mod quota set bob 0.5"].startswith("moderator sees: @bob may now use 0.50")
     refusal = demo.steps["bob /generate count:4 again"]
     assert refusal.startswith("refused (ephemeral): Not enough quota"), refusal
@@ -209,6 +219,7 @@ def test_transcript_shows_the_session(demo: DemoRun) -> None:
     assert demo.returncode == 0
     messages = read_transcript(demo.out / "index.html")
     jobs = {job: count for job, count in demo.jobs.values()}
+    maps = {demo.jobs[what][0] for what in CONTROL_MAPS}
     for job, count in jobs.items():
         # The queue card: first posted as `Queued … Job <id> · Cost <x> units`, then edited to Done.
         cards = [m for m in messages if m.first_version.startswith("Queued") and f"Job {job}" in m.first_version]
@@ -220,7 +231,9 @@ def test_transcript_shows_the_session(demo: DemoRun) -> None:
         assert len(results) == 1, job
         result = results[0]
         assert result.images == count
-        assert result.buttons == (SINGLE_BUTTONS if count == 1 else GRID_BUTTONS), (job, result.buttons)
+        pictures = count - (job in maps)  # a control map is shown, but it gets no button
+        assert result.buttons == (SINGLE_BUTTONS if pictures == 1 else GRID_BUTTONS), (job, result.buttons)
+        assert (job in maps) == ("Control edges" in result.text), job
         assert "Seed" in result.text and "Model tiny" in result.text and "Sampler" in result.text
     first = next(m for m in messages if m.images and "Job " + demo.jobs["alice /generate"][0] in m.text)
     assert "a lighthouse on a cliff at dusk, oil painting" in first.text and "Seed 1234" in first.text
@@ -233,7 +246,9 @@ def test_transcript_shows_the_session(demo: DemoRun) -> None:
     assert len(refusal) == 1 and refusal[0].ephemeral, refusal
     assert "Only you can see this (bob)" in refusal[0].text and "bob used /generate" in refusal[0].text
     assert not any(m.first_version.startswith("Queued") for m in refusal)  # nothing was queued
-    assert sum(m.ephemeral for m in messages) == 2  # refusals and moderator answers only
+    picker = [m for m in messages if "Which parts should be redone?" in m.text]
+    assert len(picker) == 1 and picker[0].ephemeral and "Only you can see this (bob)" in picker[0].text
+    assert sum(m.ephemeral for m in messages) == 3  # the refusal, the moderator's answer, the region picker
 
 
 # ---------------------------------------------------------------------- the page as a person sees it

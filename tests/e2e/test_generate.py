@@ -12,6 +12,7 @@ from engine.options import SAMPLER_LABELS as SAMPLER_NAMES
 from engine.options import SAMPLERS
 from studio.harness import Studio
 from tests.e2e.member_kit import (
+    EDITING_BUTTONS,
     assert_nothing_charged,
     assert_queued,
     assert_refused,
@@ -89,7 +90,7 @@ async def test_defaults_fill_every_option_left_out(studio: Studio) -> None:
     assert f["Sampler"] == SAMPLER_NAMES["dpmpp_2m_karras"]
     assert f["Size"] == "256×256"  # the first aspect
     assert f["Model"] == "tiny"
-    assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+    assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
     record = await job(studio, job_id)
     assert record.params["refiner"] is True  # on by default when the model has one
     assert 0 <= record.params["seed"] < 2**32 and f["Seed"] == str(record.params["seed"])
@@ -150,7 +151,7 @@ async def test_count_gives_that_many_images_and_the_contract_buttons(studio: Stu
     assert len(result.attachments) == count
     assert len({a.filename for a in result.attachments}) == count
     if count == 1:
-        assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+        assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
     else:
         ups = [f"U{i}" for i in range(1, count + 1)]
         vs = [f"V{i}" for i in range(1, count + 1)]
@@ -159,7 +160,7 @@ async def test_count_gives_that_many_images_and_the_contract_buttons(studio: Stu
         assert seeds == [seeds[0] + i for i in range(count)]
     # Buttons carry their emoji in the emoji field, never in the label.
     for button in result.buttons:
-        assert re.fullmatch(r"[A-Za-z0-9]+", button["label"]), button
+        assert re.fullmatch(r"[A-Za-z0-9]+( [A-Za-z0-9]+)*", button["label"]), button  # "Pan Left"
     assert (await job(studio, job_id)).params["count"] == count
 
 

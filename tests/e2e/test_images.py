@@ -18,6 +18,7 @@ from engine.jobs import Refine, Variations
 from engine.validate import fit_size
 from studio.harness import Studio
 from tests.e2e.member_kit import (
+    EDITING_BUTTONS,
     assert_queued,
     assert_refused,
     fields,
@@ -64,7 +65,7 @@ async def test_refine_a_png_with_the_defaults(studio: Studio, monkeypatch: pytes
 
     fitted = fit_size(320, 256)
     assert sizes(studio.sb, result) == [fitted]
-    assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+    assert labels(result) == ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
     assert result.embeds[0]["description"] == "a mossy rock"
     assert result.embeds[0]["author"]["name"].startswith("Refine")
     f = fields(result)

@@ -287,6 +287,7 @@ async def test_a_members_cooldown(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 async def test_forget_erases_a_members_prompts_and_images(studio: Studio) -> None:
     member = studio.new_member("forgetful")
+    await studio.command(member, "settings", {"negative": "my secret fog"})
     job_id = job_id_of(await studio.command(member, "generate", {"prompt": "my secret garden", "steps": 1}))
     await studio.result_of(job_id)
     record = await studio.bot.wiring.jobs.get(job_id)
@@ -300,3 +301,4 @@ async def test_forget_erases_a_members_prompts_and_images(studio: Studio) -> Non
     assert record is not None and "my secret garden" not in repr(record.params) and record.images == []
     assert not any(path.exists() for path in paths)
     assert await studio.bot.wiring.quotas.ledger(studio.guild.id, member.id) == ledger  # sums stay
+    assert (await studio.bot.moderation.get_member_settings(member.id)).negative is None

@@ -7,6 +7,7 @@ import itertools
 import pytest
 
 from studio.harness import Studio, job_id_of
+from tests.e2e.member_kit import EDITING_BUTTONS
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -24,7 +25,7 @@ async def test_generate_posts_a_result_with_the_contract_buttons(studio: Studio)
     result = await studio.result_of(job_id)
     assert len(result.attachments) == 1
     labels = [c["label"] for row in result.components for c in row["components"]]
-    assert labels == ["Reroll", "Upscale", "Variations", "Refine", "Delete"]
+    assert labels == ["Reroll", "Upscale", "Variations", "Refine", "Delete", *EDITING_BUTTONS]
     embed = result.embeds[0]
     assert embed["description"] == "a red fox in snow"
     fields = {f["name"]: f["value"] for f in embed["fields"]}

@@ -76,7 +76,7 @@ def test_parses_what_a1111_writes() -> None:
     assert parsed["cfg"] == 6.5 and parsed["seed"] == 42 and parsed["steps"] == 25
     assert (parsed["width"], parsed["height"]) == (832, 1216)
     assert parsed["strength"] == 0.35
-    assert parsed["Lora hashes"] == "x: 1, y: 2"
+    assert parsed["lora_hashes"] == "x: 1, y: 2"  # A1111's label, read as what Atelier writes there
     assert parsed["Model hash"] == "31e35c80fc"
 
 

@@ -202,6 +202,26 @@ async def test_results_match_the_local_engine(client: RayEngineClient, settings:
             assert read_parameters(ray_image.data) == read_parameters(local_image.data)
 
 
+async def test_a_batch_is_one_call_and_each_member_its_own_job(client: RayEngineClient) -> None:
+    jobs = [t2i(f"batch-{i}", 40 + i, prompt=f"a red fox, number {i}", refiner=False) for i in range(3)]
+    batched = await asyncio.gather(*(collect(stream) for stream in client.submit_batch(jobs)))
+    alone = await asyncio.gather(*(collect(client.submit(t2i(f"alone-{i}", 40 + i, prompt=j.prompt, refiner=False)))
+                                   for i, j in enumerate(jobs)))  # fmt: skip
+    for job, (progress, result), (_, solo) in zip(jobs, batched, alone, strict=True):
+        assert result.job_id == job.job_id and progress[-1].phase == "encode"
+        assert {p.job_id for p in progress} == {job.job_id}
+        assert pixels(result.images[0].data) == pixels(solo.images[0].data)
+    # A member cancelled while the others run ends at once; the others finish.
+    long_jobs = [t2i(f"lb-{i}", i, steps=30, size=256, prompt=f"a fox {i}") for i in range(2)]
+    streams = client.submit_batch(long_jobs)
+    await anext(streams[0])
+    assert await client.cancel("lb-1")
+    with pytest.raises(JobCancelled):
+        await collect(streams[1])
+    _, kept = await collect(streams[0])
+    assert kept.job_id == "lb-0"
+
+
 async def test_bad_input_fails_for_good(client: RayEngineClient) -> None:
     with pytest.raises(EngineError) as caught:
         await collect(client.submit(t2i("bad-1", 1, model="no-such-model")))

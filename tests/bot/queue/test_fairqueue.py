@@ -331,6 +331,42 @@ def test_sfq_service_bound(costs_per_user: list[list[float]]) -> None:
             assert abs(served[a] - served[b]) <= max(biggest[a], biggest[b]) + 1e-9
 
 
+@given(bursts, st.integers(1, 4), st.randoms(use_true_random=False))
+def test_sfq_service_bound_with_batches(costs_per_user: list[list[float]], max_n: int, rnd) -> None:
+    """The fairness property with batching on: drained by ``pop_batch`` (two shapes, at random),
+    two backlogged users' served units differ by at most the SFQ bound plus one quantum (the
+    largest job queued): what a batch may pull forward of its head's owner."""
+    q = FairQueue()
+    for user, costs in enumerate(costs_per_user):
+        for index, cost in enumerate(costs):
+            q.push(QueueEntry(job_id=f"{user}/{index}", owner_id=user, cost=cost, payload=rnd.choice("xy")))
+    biggest = {user: max(costs) for user, costs in enumerate(costs_per_user)}
+    quantum = max(biggest.values())
+    served: Counter[int] = Counter()
+    while batch := q.pop_batch(max_n, key=lambda e: e.payload):
+        for entry in batch:
+            served[entry.owner_id] += entry.cost
+        for a, b in itertools.combinations(list(q.user_counts()), 2):
+            assert abs(served[a] - served[b]) <= max(biggest[a], biggest[b]) + quantum + 1e-9
+
+
+def test_pop_batch_sizes_add_up_to_the_limit_and_none_never_matches() -> None:
+    q = FairQueue()
+    # small1 would not fit after big; small2, the head's owner's next job, does (rule 2).
+    big, small1, small2, alone = job(1, key="k"), job(2, key="k"), job(1, key="k"), job(4)
+    for entry, size in ((big, 3), (small1, 2), (small2, 1)):
+        entry.size = size
+        q.push(entry)
+    q.push(alone)
+    sizes = lambda e: e.size  # noqa: E731
+    assert q.pop_batch(4, key=lambda e: e.payload, size=sizes) == [big, small2]  # 3 + 1
+    q2 = FairQueue()
+    none1, none2 = job(1, key=""), job(2, key="")
+    for entry in (none1, none2):
+        q2.push(entry)
+    assert q2.pop_batch(4, key=lambda e: None) == [none1]  # no shape: alone
+
+
 @given(
     st.lists(
         st.tuples(st.integers(0, 3), st.integers(0, 1), st.sampled_from([0.5, 1.0, 2.0]), st.sampled_from("xy")),

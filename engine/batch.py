@@ -1,0 +1,162 @@
+"""Several jobs of one shape as one batched pipeline call (the engine process's side of batching).
+
+The bot joins queued jobs whose `JobBase.batch_key` is equal (same kind, model, size, steps,
+sampler, cfg, refiner, LoRAs, …; only prompts, seeds and image counts differ) and the engine runs
+them with one pipeline call per expert. Each job keeps what is its own:
+
+- its conditioning: every job's prompt and negative are encoded alone (engine.prompts, as for a
+  job run alone) and the results stacked, each repeated for the job's images, so the batch sees
+  exactly the tensors each job would have seen. Jobs whose embeddings differ in length (a prompt
+  longer than another by a 77-token chunk) are not padded to one length, which would change their
+  images: they run in separate calls (`shape_groups`).
+- its seeds: one generator per image, as for a job run alone. With exact batches (PerImageUNet)
+  each image is then bit-identical to the same job run alone.
+- its progress, previews and cancel (`BatchSteps`): every member's `JobSteps` is told each step,
+  with a preview of its own rows; a cancelled member stops being told and its images are dropped
+  by the worker; the call itself stops only when every member is cancelled.
+
+A batch of one job is the plain job: `batch_steps` then returns that job's own `JobSteps` and
+`joined` its own pipeline arguments, so single jobs run exactly the code they always ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from engine.api import JobCancelled
+from engine.callbacks import CFG_TENSORS, JobSteps, X0Tap, cfg_cutoff
+from engine.jobs.events import Phase
+from engine.prompts import Conditioning
+
+
+class BatchSteps:
+    """`JobSteps` of every member of a batch, stepped together (the same interface)."""
+
+    def __init__(self, members: Sequence[JobSteps], counts: Sequence[int]) -> None:
+        self.members = list(members)
+        rows, start = [], 0
+        for count in counts:
+            rows.append((start, start + count))
+            start += count
+        self.rows = rows
+
+    @property
+    def total(self) -> int:
+        return self.members[0].total
+
+    def live(self) -> list[tuple[JobSteps, tuple[int, int]]]:
+        """The members not cancelled, with their image rows."""
+        return [(m, rows) for m, rows in zip(self.members, self.rows, strict=True) if not m.cancelled()]
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled once every member is cancelled (the call has nobody left to serve)."""
+        if all(m.cancelled() for m in self.members):
+            raise JobCancelled(self.members[0].job_id)
+
+    def callback(
+        self, phase: Phase, *, planned: int, tap: X0Tap | None = None, cfg_off_after: int | None = None
+    ) -> BatchCallback:
+        return BatchCallback(self, phase, planned=planned, tap=tap, cfg_off_after=cfg_off_after)
+
+
+class BatchCallback:
+    """`callback_on_step_end` of one batched pipeline call: engine.callbacks.StepCallback for
+    every member, each with a preview of its own images."""
+
+    def __init__(
+        self, steps: BatchSteps, phase: Phase, *, planned: int, tap: X0Tap | None, cfg_off_after: int | None
+    ) -> None:
+        self.steps = steps
+        self.phase = phase
+        self.planned = planned
+        self.tap = tap
+        self.cfg_off_after = cfg_off_after
+        self.tensor_inputs = ["latents", *CFG_TENSORS] if cfg_off_after is not None else ["latents"]
+
+    def __call__(self, pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if i == 0:
+            actual = getattr(pipe, "_num_timesteps", None) or self.planned
+            for member in self.steps.members:
+                member.total += actual - self.planned
+        self.steps.check_cancelled()
+        if self.cfg_off_after is not None and i + 1 == self.cfg_off_after:
+            kwargs = cfg_cutoff(pipe, kwargs)
+        x0 = self.tap.latest if self.tap is not None else None
+        latents = x0 if x0 is not None else kwargs["latents"]
+        for member, (start, end) in self.steps.live():
+            member.advance(self.phase, latents[start:end])
+        return kwargs
+
+
+def batch_steps(
+    tracks: Sequence[Callable[[int], JobSteps]], total: int, counts: Sequence[int]
+) -> JobSteps | BatchSteps:
+    """The steps of a call for these jobs: one job's own `JobSteps`, or a `BatchSteps`."""
+    if len(tracks) == 1:
+        return tracks[0](total)
+    return BatchSteps([track(total) for track in tracks], counts)
+
+
+def joined(conds: Sequence[Conditioning], counts: Sequence[int]) -> dict[str, Any]:
+    """Pipeline arguments for one call making `counts[j]` images of `conds[j]`, in order.
+
+    One job: its conditioning and `num_images_per_prompt` (diffusers repeats it). Several: each
+    job's tensors repeated for its images and stacked, `num_images_per_prompt=1`. When some jobs
+    have a negative and others none (an empty negative on a model that zeroes it), the others get
+    the zeros diffusers would have used."""
+    if len(conds) == 1:
+        return {**conds[0].pipeline_kwargs(), "num_images_per_prompt": counts[0]}
+
+    def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts, strict=True)])
+
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": stack([c.prompt_embeds for c in conds]),
+        "pooled_prompt_embeds": stack([c.pooled_prompt_embeds for c in conds]),
+        "num_images_per_prompt": 1,
+    }
+    if any(c.negative_prompt_embeds is not None for c in conds):
+        negatives = [
+            c.negative_prompt_embeds if c.negative_prompt_embeds is not None else torch.zeros_like(c.prompt_embeds)
+            for c in conds
+        ]
+        pooled = [
+            c.negative_pooled_prompt_embeds
+            if c.negative_pooled_prompt_embeds is not None
+            else torch.zeros_like(c.pooled_prompt_embeds)
+            for c in conds
+        ]
+        kwargs["negative_prompt_embeds"] = stack(negatives)
+        kwargs["negative_pooled_prompt_embeds"] = stack(pooled)
+    return kwargs
+
+
+def _shape(cond: Conditioning) -> tuple[Any, ...]:
+    negative = cond.negative_prompt_embeds
+    return (tuple(cond.prompt_embeds.shape), None if negative is None else tuple(negative.shape))
+
+
+def shape_groups(*conds_per_call: Sequence[Conditioning]) -> list[list[int]]:
+    """Indices of the jobs that can share calls: equal embedding lengths in every call (the base's,
+    the refiner's), in the jobs' order. One group when all can."""
+    count = len(conds_per_call[0])
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index in range(count):
+        signature = tuple(_shape(conds[index]) for conds in conds_per_call if conds)
+        groups.setdefault(signature, []).append(index)
+    return list(groups.values())
+
+
+def split_outputs(images: Sequence[Any], counts: Sequence[int]) -> list[list[Any]]:
+    """A batch's images, `counts[j]` for job j in turn."""
+    out, start = [], 0
+    for count in counts:
+        out.append(list(images[start : start + count]))
+        start += count
+    return out
+
+
+__all__ = ["BatchCallback", "BatchSteps", "batch_steps", "joined", "shape_groups", "split_outputs"]
