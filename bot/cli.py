@@ -105,7 +105,7 @@ def _run(settings: Settings, token: str) -> int:
 
 
 def _models_check(settings: Settings) -> int:
-    from engine.models import check_models
+    from engine.model_check import check_models
     from engine.styles import Catalog
     from engine.styling import Styling
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from discord import app_commands
 
-from config.settings import ModelSettings, Settings
+from config.addons import ModelSettings
+from config.settings import Settings
 from engine import styles
 from engine.jobs import JobBase
 from engine.options import LORA_WEIGHT, MAX_LORAS

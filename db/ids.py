@@ -15,8 +15,11 @@ _DECODE_ALIASES = str.maketrans({"O": "0", "I": "1", "L": "1"})
 
 
 def new_job_id() -> str:
-    """A fresh random job id, e.g. ``7K2M9QXA``."""
-    return "".join(secrets.choice(ALPHABET) for _ in range(JOB_ID_LENGTH))
+    """A fresh random job id, e.g. ``7K2M9QXA``: 40 random bits read at once (one system call,
+    not one per character: under a burst of 200 admissions those calls showed in the profile),
+    five bits per character."""
+    bits = secrets.randbits(5 * JOB_ID_LENGTH)
+    return "".join(ALPHABET[(bits >> shift) & 31] for shift in range(5 * (JOB_ID_LENGTH - 1), -1, -5))
 
 
 def normalize_job_id(text: str) -> str | None:

@@ -45,11 +45,13 @@ from diffusers import (
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 from PIL import Image, ImageOps
 
-from config.settings import ControlNetSettings, EngineSettings, ModelSettings
+from config.addons import ControlNetSettings, ModelSettings
+from config.settings import EngineSettings
 from engine import annotators
 from engine.callbacks import X0Tap
 from engine.jobs import Text2Img
-from engine.models import LoadedModel, ModelCheck, ModelRegistry, _dtype_kwarg, quiet_progress
+from engine.model_check import ModelCheck
+from engine.models import LoadedModel, ModelRegistry, _dtype_kwarg, quiet_progress
 from engine.options import CONTROL_MODULES
 from engine.pipelines import Generated, _rows
 from engine.pnginfo import controlnet_unit

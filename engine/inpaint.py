@@ -13,10 +13,10 @@ every pixel where the (blurred) mask is 0 identical to the source. Read top to b
 4. One diffusers StableDiffusionXLInpaintPipeline call over the base's OWN modules (a new object:
    no copy, no cast; `from_pipe` would cast every shared module to fp32 unless given a dtype, and
    to that one dtype if given, also the fp32 VAE of a bf16 model), with a fresh scheduler, the
-   source handed over as latents (engine.pipelines.encode_image: the VAE's mean, in the safe
+   source handed over as latents (engine.vae.encode_image: the VAE's mean, in the safe
    precision, with latents_mean/std; the pipeline's own encoder samples the latent distribution
    with the seed generators, ignores latents_mean/std, and upcasts the shared VAE in place).
-5. Latents decoded here (engine.pipelines.decode_latents), scaled back into the region, and
+5. Latents decoded here (engine.vae.decode_latents), scaled back into the region, and
    composited onto the source with engine.masks.composite (kept pixels bit-exact).
 
 With a plain 4-channel SDXL UNet the pipeline blends the re-noised source latents outside the mask
@@ -41,8 +41,6 @@ from engine.masks import Box, composite
 from engine.pipelines import (
     Generated,
     Runner,
-    decode_latents,
-    encode_image,
     fresh_pipeline,
     generators,
     img2img_call_steps,
@@ -50,6 +48,7 @@ from engine.pipelines import (
     planned_steps,
 )
 from engine.prompts import encode_prompt
+from engine.vae import decode_latents, encode_image
 from engine.validate import SDXL_PIXELS, SIZE_MULTIPLE, fit_size
 
 LATENT_CELL = 8  # px per latent cell (SDXL's VAE factor)

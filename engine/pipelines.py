@@ -18,10 +18,10 @@ Things that hold for every call:
   compel's slow parser and recent embeddings are cached, with bit-identical results.
 - Micro-conditioning: original_size = target_size = the image size, crops (0, 0); the refiner
   also gets `generation.aesthetic_score` / `negative_aesthetic_score`.
-- Latents leave every pipeline as `output_type="latent"` and are decoded here, one image at a
-  time, in `accel.decode_dtype` (diffusers' own decode crashes with a bf16 UNet and an fp32 VAE,
-  and it upcasts the shared VAE in place). img2img inputs are encoded here too (the VAE's mean,
-  no randomness) and handed over as latents.
+- Latents leave every pipeline as `output_type="latent"` and are decoded by engine.vae, one image
+  at a time, in `accel.decode_dtype` (diffusers' own decode crashes with a bf16 UNet and an fp32
+  VAE, and it upcasts the shared VAE in place). img2img inputs are encoded there too (the VAE's
+  mean, no randomness) and handed over as latents.
 - `callback_on_step_end` (engine.callbacks) reports Progress numbered across the whole job,
   attaches a preview every `engine.preview_every` steps, applies the CFG cutoff, and raises
   JobCancelled as soon as `cancelled()` says so.
@@ -34,18 +34,15 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import io
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from cachetools import LRUCache, cached
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
@@ -59,11 +56,8 @@ from engine.prompts import encode_prompt
 from engine.samplers import make_scheduler
 from engine.styles import Catalog
 from engine.styling import Styling
-from engine.upscale import (
-    ALIGN,
-    Upscaler,
-    load_upscaler,
-)
+from engine.upscale import Upscaler, load_upscaler
+from engine.vae import decode_latents, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -288,73 +282,6 @@ def micro_conditioning(width: int, height: int) -> dict[str, Any]:
     return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
 
 
-def open_image(data: bytes) -> Image.Image:
-    """A job's input image as RGB, sides trimmed to multiples of 8 (the VAE's factor; the caller
-    normally sends multiples of 64 already)."""
-    with Image.open(io.BytesIO(data)) as image:
-        rgb = image.convert("RGB")
-    width, height = rgb.size
-    aligned = (max(ALIGN, width // ALIGN * ALIGN), max(ALIGN, height // ALIGN * ALIGN))
-    return rgb if aligned == rgb.size else rgb.resize(aligned, Image.Resampling.LANCZOS)
-
-
-@contextmanager
-def _vae_precision(vae: Any, dtype: torch.dtype) -> Iterator[None]:
-    """Run the VAE in `dtype` for a moment (an fp16 SDXL VAE must encode/decode in fp32)."""
-    original = vae.dtype
-    if dtype != original:
-        vae.to(dtype=dtype)
-    try:
-        yield
-    finally:
-        if dtype != original:
-            vae.to(dtype=original)
-
-
-@contextmanager
-def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
-    """VAE tiling on for the duration (large upscales), then back to what it was."""
-    before = getattr(vae, "use_tiling", False)
-    if enabled and not before:
-        vae.enable_tiling()
-    try:
-        yield
-    finally:
-        if enabled and not before:
-            vae.disable_tiling()
-
-
-@torch.inference_mode()
-def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
-    """RGB image → scaled latents (1, 4, h/8, w/8) in the UNet's dtype. Uses the latent
-    distribution's mean: no randomness, so the per-image generators only drive the noise."""
-    vae = pipe.vae
-    dtype = accel.decode_dtype(pipe)
-    pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
-    with _vae_precision(vae, dtype):
-        latents = retrieve_latents(vae.encode(pixels.to(vae.device, dtype)), sample_mode="argmax")
-    config = vae.config
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = (latents - mean_t) * config.scaling_factor / std_t
-    else:
-        latents = latents * config.scaling_factor
-    return latents.to(pipe.unet.dtype)
-
-
-@torch.inference_mode()
-def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents (B, 4, h, w) → B RGB images, decoded one at a time (VAE slicing: the peak memory
-    of one image, and an image's pixels do not depend on the batch it came from)."""
-    images = []
-    for i in range(latents.shape[0]):
-        pixels = accel.decode_latents(pipe, latents[i : i + 1])
-        images.extend(pipe.image_processor.postprocess(pixels.float(), output_type="pil"))
-    return images
-
-
 # --- the runner ---------------------------------------------------------------------------------
 
 KindCall = Callable[["Runner", Any, Any, Callable[[int], JobSteps]], list[Generated]]
@@ -536,8 +463,6 @@ class Runner:
 __all__ = [
     "Generated",
     "Runner",
-    "decode_latents",
-    "encode_image",
     "fresh_pipeline",
     "img2img_call_steps",
     "new_scheduler",

@@ -35,15 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from config.settings import (
-    ControlNetSettings,
-    EmbeddingSettings,
-    EngineSettings,
-    GenerationSettings,
-    LoraSettings,
-    ModelSettings,
-    Settings,
-)
+from config.addons import ControlNetSettings, EmbeddingSettings, LoraSettings, ModelSettings
+from config.settings import EngineSettings, GenerationSettings, Settings
 from engine.jobs import Job
 from engine.jobs.events import Done, Failed, JobStats, Progress, Started
 from engine.styles import Catalog

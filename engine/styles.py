@@ -27,14 +27,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from config.settings import (
-    EmbeddingSettings,
-    LoraSettings,
-    ModelSettings,
-    Settings,
-    StyleSettings,
-    parse_lora_ref,
-)
+from config.addons import EmbeddingSettings, LoraSettings, ModelSettings, StyleSettings, parse_lora_ref
+from config.settings import Settings
 from engine.options import DRAFT_SAMPLERS, LORA_WEIGHT, MAX_LORAS
 from engine.validate import ValidationFailed
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.embeddings import EmbeddingManager, read_embedding
 from engine.loras import DRAFT_ADAPTER, LoraManager, expected_layers
-from engine.models import ModelCheck
+from engine.model_check import ModelCheck
 from engine.styles import Catalog, embedding_refs
 from engine.weights import ModelLoadError, safetensors_file
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from config.settings import PICKLE_SUFFIXES
+from config.section import PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

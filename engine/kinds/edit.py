@@ -14,7 +14,8 @@ from engine.inpaint import run_job
 from engine.jobs import Edit
 from engine.jobs.edit import MASK_BLUR
 from engine.masks import region_mask
-from engine.pipelines import Generated, Runner, open_image
+from engine.pipelines import Generated, Runner
+from engine.vae import open_image
 from engine.validate import SDXL_PIXELS
 
 # Context around the region when a large source is worked on in part (diffusers' padding_mask_crop).

@@ -10,7 +10,8 @@ from engine.callbacks import JobSteps
 from engine.inpaint import run_job
 from engine.jobs import Pan
 from engine.masks import Box, pan_canvas
-from engine.pipelines import Generated, Runner, open_image
+from engine.pipelines import Generated, Runner
+from engine.vae import open_image
 from engine.validate import MAX_SIDE
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from engine.callbacks import JobSteps
 from engine.jobs import Refine
 from engine.jobs.events import Phase
-from engine.pipelines import Generated, Runner, open_image
+from engine.pipelines import Generated, Runner
+from engine.vae import open_image
 
 
 def run(runner: Runner, model: Any, job: Refine, track: Callable[[int], JobSteps]) -> list[Generated]:

@@ -17,16 +17,9 @@ from engine.batch import batch_steps, joined, shape_groups, split_outputs
 from engine.callbacks import JobSteps
 from engine.control import prepare as prepare_control
 from engine.jobs import Text2Img, image_seeds
-from engine.pipelines import (
-    Generated,
-    Runner,
-    decode_latents,
-    fresh_pipeline,
-    generators,
-    micro_conditioning,
-    planned_steps,
-)
+from engine.pipelines import Generated, Runner, fresh_pipeline, generators, micro_conditioning, planned_steps
 from engine.prompts import encode_prompt
+from engine.vae import decode_latents
 
 
 def run(runner: Runner, model: Any, job: Text2Img, track: Callable[[int], JobSteps]) -> list[Generated]:

@@ -16,18 +16,15 @@ from engine.jobs import Upscale, image_seeds
 from engine.pipelines import (
     Generated,
     Runner,
-    decode_latents,
-    encode_image,
     fresh_pipeline,
     generators,
     img2img_call_steps,
     micro_conditioning,
-    open_image,
     planned_steps,
-    vae_tiling,
 )
 from engine.prompts import Conditioning, encode_prompt
 from engine.upscale import Tile, blend_images, default_overlap, tile_grid, tile_side_for, upscaled_size
+from engine.vae import decode_latents, encode_image, open_image, vae_tiling
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from engine.callbacks import JobSteps
 from engine.jobs import Variations, image_seeds
-from engine.pipelines import Generated, Runner, open_image
+from engine.pipelines import Generated, Runner
+from engine.vae import open_image
 
 
 def run(runner: Runner, model: Any, job: Variations, track: Callable[[int], JobSteps]) -> list[Generated]:

@@ -10,7 +10,8 @@ from engine.callbacks import JobSteps
 from engine.inpaint import run_job
 from engine.jobs import Zoom
 from engine.masks import zoom_canvas
-from engine.pipelines import Generated, Runner, open_image
+from engine.pipelines import Generated, Runner
+from engine.vae import open_image
 
 
 def run(runner: Runner, model: Any, job: Zoom, track: Callable[[int], JobSteps]) -> list[Generated]:

@@ -110,7 +110,7 @@ def controlnet(bench: Bench, result: SectionResult) -> None:
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     except ImportError as exc:
         raise Skip(f"this diffusers has no SDXL ControlNet ({exc})") from None
-    from config.settings import ControlNetSettings
+    from config.addons import ControlNetSettings
     from engine.control import controlnet_for
     from engine.fullsize import creation_context
 

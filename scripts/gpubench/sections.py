@@ -155,7 +155,7 @@ def text2img(bench: Bench, dtype: str, result: SectionResult) -> None:
 def _decode_and_split(bench: Bench, result: SectionResult, section: str, phases: list[dict[str, float]]) -> None:
     """VAE decode of one image both ways (random latents: the cost does not depend on the
     values), and the refiner's share from the bare side's phase times."""
-    from engine.pipelines import decode_latents
+    from engine.vae import decode_latents
 
     loaded, device, size = bench.current(), bench.device, bench.profile.size
     latents = torch.randn(1, 4, size // 8, size // 8, device=device, dtype=loaded.model.dtype)

@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from config.settings import ControlNetSettings, Settings
+from config.addons import ControlNetSettings
+from config.settings import Settings
 from engine.client import LocalEngineClient
 from engine.jobs import Text2Img
 from engine.options import CONTROL_GUIDANCE_END, CONTROL_GUIDANCE_START, CONTROL_STRENGTH

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import ConfigError, Settings, load_settings, parse_lora_ref
+from config.addons import parse_lora_ref
+from config.settings import ConfigError, Settings, load_settings
 
 GOOD = """
 [models.sdxl]

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from config.settings import ConfigError, ControlNetSettings, EngineSettings, GenerationSettings, load_settings
+from config.addons import ControlNetSettings
+from config.settings import ConfigError, EngineSettings, GenerationSettings, load_settings
 from engine import annotators, control
 from engine.jobs import Limits, Text2Img
 from engine.models import ModelRegistry
@@ -356,7 +357,7 @@ def test_job_checks_and_storage_keep_the_upload_out_of_the_params() -> None:
 def test_models_check_loads_each_mode_and_reports_a_misfit(
     tiny_addons_dir: Path, tiny_models_config: dict[str, Any], tmp_path: Path
 ) -> None:
-    from config.settings import ModelSettings
+    from config.addons import ModelSettings
 
     models = {"tiny": ModelSettings.model_validate(tiny_models_config["tiny"])}
     nets = controlnets(

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from config.settings import EngineSettings, GenerationSettings, ModelSettings
+from config.addons import ModelSettings
+from config.settings import EngineSettings, GenerationSettings
 from engine.api import JobCancelled
 from engine.jobs import Edit, JobOrder, Limits, Pan, Zoom, load_order, units
 from engine.jobs.events import Progress

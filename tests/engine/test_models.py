@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from config.settings import EngineSettings, ModelSettings
-from engine.models import ModelLoadError, ModelRegistry, ModelSource, check_models
+from config.addons import ModelSettings
+from config.settings import EngineSettings
+from engine.model_check import check_models
+from engine.models import ModelLoadError, ModelRegistry, ModelSource
 
 CPU = EngineSettings(device="cpu", dtype="fp32")
 

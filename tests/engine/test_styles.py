@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from config.settings import EmbeddingSettings, LoraSettings, ModelSettings, StyleSettings
+from config.addons import EmbeddingSettings, LoraSettings, ModelSettings, StyleSettings
 from engine.jobs import Limits, Refine, Text2Img
 from engine.options import MAX_LORAS
 from engine.pnginfo import format_parameters, parse_parameters

@@ -16,11 +16,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from config.settings import EmbeddingSettings, EngineSettings, GenerationSettings, LoraSettings, ModelSettings
+from config.addons import EmbeddingSettings, LoraSettings, ModelSettings
+from config.settings import EngineSettings, GenerationSettings
 from engine.jobs import Text2Img, Variations, Zoom
 from engine.jobs.events import Progress
 from engine.loras import LoraError
-from engine.models import ModelRegistry, check_models
+from engine.model_check import check_models
+from engine.models import ModelRegistry
 from engine.pipelines import Generated, Runner
 from engine.prompts import _compel, clear_prompt_cache, encode_prompt
 from engine.styles import Catalog
