@@ -6,7 +6,7 @@ EXTRAS ?= test,safety,postgres,ray
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install system-deps run demo test test-fast bench lint format audit tiny-model clean
+.PHONY: install system-deps run demo test test-fast test-upscalers bench lint format audit tiny-model clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,27 @@ test: install system-deps
 	$(BIN)/mypy
 	$(BIN)/python scripts/audit.py
 	$(BIN)/pytest
+	$(MAKE) test-upscalers
+
+# The optional ESRGAN upscaler (spandrel) imports torchvision, and the package index has no
+# torchvision that loads beside the CPU torch pinned above (its builds are CUDA builds, which need
+# a CUDA torch). So the upscaler's tests run with a matching pair laid over the venv in a folder of
+# its own (the CUDA build of torch 2.14.1 + torchvision 0.29.1, run on the CPU; 2.9.1 + 0.24.1, a
+# CPU build, on aarch64), every other package at the venv's pins. It is what an operator installs
+# with `pip install '.[upscalers]'` beside their CUDA torch.
+UPSCALERS := .venv-upscalers
+UPSCALER_TORCH := $(if $(filter aarch64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
+
+$(UPSCALERS)/.installed: $(VENV)/.installed constraints.txt
+	rm -rf $(UPSCALERS)
+	mkdir -p $(UPSCALERS)
+	grep -v '^torch==' constraints.txt > $(UPSCALERS)/constraints.txt
+	$(BIN)/pip install --quiet --target $(UPSCALERS)/site -c $(UPSCALERS)/constraints.txt $(UPSCALER_TORCH) spandrel
+	touch $@
+
+test-upscalers: $(UPSCALERS)/.installed
+	PYTHONPATH=$(UPSCALERS)/site $(BIN)/pytest -p no:cacheprovider tests/engine/test_esrgan.py tests/engine/test_upscale.py \
+		tests/bench/test_gpu_bench_cpu.py
 
 test-fast: install
 	$(BIN)/pytest -m 'not slow and not bench'
@@ -59,4 +80,4 @@ tiny-model: install
 	$(BIN)/atelier tiny-model data/tiny-sdxl
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(UPSCALERS) demo-out .pytest_cache

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.api import JobCancelled
-from engine.callbacks import CFG_TENSORS, JobSteps, X0Tap, cfg_cutoff
+from engine.callbacks import JobSteps, StepCallback, X0Tap
 from engine.jobs.events import Phase
 from engine.prompts import Conditioning
 
@@ -47,6 +47,13 @@ class BatchSteps:
     def total(self) -> int:
         return self.members[0].total
 
+    @total.setter
+    def total(self, value: int) -> None:
+        """Every member's total moves with the call's (a scheduler that plans other steps)."""
+        delta = value - self.members[0].total
+        for member in self.members:
+            member.total += delta
+
     def live(self) -> list[tuple[JobSteps, tuple[int, int]]]:
         """The members not cancelled, with their image rows."""
         return [(m, rows) for m, rows in zip(self.members, self.rows, strict=True) if not m.cancelled()]
@@ -56,39 +63,16 @@ class BatchSteps:
         if all(m.cancelled() for m in self.members):
             raise JobCancelled(self.members[0].job_id)
 
+    def advance(self, phase: Phase, latents: torch.Tensor | None = None) -> None:
+        """One step of the call: every member still wanted is told, with a preview of its rows."""
+        for member, (start, end) in self.live():
+            member.advance(phase, None if latents is None else latents[start:end])
+
     def callback(
         self, phase: Phase, *, planned: int, tap: X0Tap | None = None, cfg_off_after: int | None = None
-    ) -> BatchCallback:
-        return BatchCallback(self, phase, planned=planned, tap=tap, cfg_off_after=cfg_off_after)
-
-
-class BatchCallback:
-    """`callback_on_step_end` of one batched pipeline call: engine.callbacks.StepCallback for
-    every member, each with a preview of its own images."""
-
-    def __init__(
-        self, steps: BatchSteps, phase: Phase, *, planned: int, tap: X0Tap | None, cfg_off_after: int | None
-    ) -> None:
-        self.steps = steps
-        self.phase = phase
-        self.planned = planned
-        self.tap = tap
-        self.cfg_off_after = cfg_off_after
-        self.tensor_inputs = ["latents", *CFG_TENSORS] if cfg_off_after is not None else ["latents"]
-
-    def __call__(self, pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if i == 0:
-            actual = getattr(pipe, "_num_timesteps", None) or self.planned
-            for member in self.steps.members:
-                member.total += actual - self.planned
-        self.steps.check_cancelled()
-        if self.cfg_off_after is not None and i + 1 == self.cfg_off_after:
-            kwargs = cfg_cutoff(pipe, kwargs)
-        x0 = self.tap.latest if self.tap is not None else None
-        latents = x0 if x0 is not None else kwargs["latents"]
-        for member, (start, end) in self.steps.live():
-            member.advance(self.phase, latents[start:end])
-        return kwargs
+    ) -> StepCallback:
+        """engine.callbacks.StepCallback over the whole batch."""
+        return StepCallback(self, phase, planned=planned, tap=tap, cfg_off_after=cfg_off_after)
 
 
 def batch_steps(
@@ -159,4 +143,4 @@ def split_outputs(images: Sequence[Any], counts: Sequence[int]) -> list[list[Any
     return out
 
 
-__all__ = ["BatchCallback", "BatchSteps", "batch_steps", "joined", "shape_groups", "split_outputs"]
+__all__ = ["BatchSteps", "batch_steps", "joined", "shape_groups", "split_outputs"]

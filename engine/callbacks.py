@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -112,12 +112,22 @@ class JobSteps:
         return StepCallback(self, phase, planned=planned, tap=tap, cfg_off_after=cfg_off_after)
 
 
+class Steps(Protocol):
+    """What a pipeline call's callback tells: one job's `JobSteps`, or a batch's (engine.batch)."""
+
+    total: int
+
+    def check_cancelled(self) -> None: ...
+
+    def advance(self, phase: Phase, latents: torch.Tensor | None = None) -> None: ...
+
+
 class StepCallback:
     """`callback_on_step_end(pipe, i, t, kwargs) -> kwargs` for one pipeline call."""
 
     def __init__(
         self,
-        steps: JobSteps,
+        steps: Steps,
         phase: Phase,
         *,
         planned: int,
@@ -160,4 +170,4 @@ def cfg_cutoff(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-__all__ = ["CFG_TENSORS", "JobSteps", "StepCallback", "X0Tap", "cfg_cutoff"]
+__all__ = ["CFG_TENSORS", "JobSteps", "StepCallback", "Steps", "X0Tap", "cfg_cutoff"]

@@ -41,12 +41,11 @@ from engine.options import CONTROL_GUIDANCE_END, CONTROL_GUIDANCE_START, CONTROL
 from engine.tiny_addons import CONTROLNET
 from tests.bench import report
 from tests.bench.dispatch import dispatch_block
-from tests.bench.test_engine_bench import CFG, THREADS, bench_settings, texts
+from tests.bench.test_engine_bench import CFG, SIZE, STEPS, THREADS, bench_settings, texts
+from tests.bench.test_engine_bench import job as engine_bench_job
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(1800)]
 
-SIZE = 256
-STEPS = 20
 BLOCK = 4
 ROUNDS = 5
 SIDES = ("bare", "runner", "engine")
@@ -126,21 +125,7 @@ class BareControl:
 
 
 def job(side: str, index: int, seed: int) -> Text2Img:
-    prompt, negative = texts(side, seed)
-    return Text2Img(
-        job_id=f"{side}-{index}-{seed}",
-        prompt=prompt,
-        negative=negative,
-        steps=STEPS,
-        cfg=CFG,
-        seed=seed,
-        width=SIZE,
-        height=SIZE,
-        sampler="dpmpp_2m_karras",
-        refiner=True,
-        control="edges",
-        control_image=UPLOAD,
-    )
+    return engine_bench_job(side, index, seed, control="edges", control_image=UPLOAD)
 
 
 @pytest.fixture(scope="module")

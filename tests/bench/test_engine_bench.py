@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +142,22 @@ class BareLoop:
             return self.refiner(**common, image=latents, denoising_start=self.frac, generator=generator).images[0]
 
 
-def job(side: str, index: int, seed: int) -> Text2Img:
-    prompt, negative = texts(side, seed)
+def job(
+    side: str, index: int, seed: int, *, words: Callable[[str, int], tuple[str, str]] | None = None, **fields: Any
+) -> Text2Img:
+    """The benches' text2img job: its own prompt and negative (`words`, default `texts`), 256²,
+    20 steps, base → refiner; `fields` change the rest (a LoRA, a control image, no refiner)."""
+    prompt, negative = (words or texts)(side, seed)
+    defaults: dict[str, Any] = {
+        "steps": STEPS,
+        "cfg": CFG,
+        "width": SIZE,
+        "height": SIZE,
+        "sampler": "dpmpp_2m_karras",
+        "refiner": True,
+    }
     return Text2Img(
-        job_id=f"{side}-{index}-{seed}",
-        prompt=prompt,
-        negative=negative,
-        steps=STEPS,
-        cfg=CFG,
-        seed=seed,
-        width=SIZE,
-        height=SIZE,
-        sampler="dpmpp_2m_karras",
-        refiner=True,
+        job_id=f"{side}-{index}-{seed}", prompt=prompt, negative=negative, seed=seed, **{**defaults, **fields}
     )
 
 

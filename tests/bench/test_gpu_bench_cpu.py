@@ -23,6 +23,14 @@ SECTIONS = ("build", "text2img fp32", "batch", "client", "switch", "upscale", "c
 OPTIONAL = {"lora": "peft"}
 
 
+def _spandrel_usable() -> bool:
+    try:
+        import spandrel  # noqa: F401  (imports torchvision, which may not load beside this torch)
+    except Exception:
+        return False
+    return True
+
+
 def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -71,6 +79,10 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tmp_path: Path) -> None:
     assert row("client", "text2img")["client"] > 0
     assert row("switch", "switch models")["value"] > 0
     assert row("compile", "compile warm-up")["runner_speed_vs_bare"] is None  # one-off: no ratio
+    upscale = next(name for name in sections if name.startswith("upscale"))
+    if _spandrel_usable():  # `make test-upscalers`: the ESRGAN pre-pass is timed beside Lanczos
+        assert row(upscale, "upscale job, ESRGAN + img2img")["runner"] > 0
+        assert row(upscale, "ESRGAN ×4 pass alone")["runner"] > 0
 
     table = proc.stdout
     assert "| section | figure | bare diffusers | engine Runner | engine client |" in table

@@ -40,13 +40,11 @@ from engine.styles import Catalog
 from engine.tiny_addons import LORA_KOHYA, tiny_styling
 from tests.bench import report
 from tests.bench.dispatch import dispatch_block
-from tests.bench.test_engine_bench import bench_settings, ms
+from tests.bench.test_engine_bench import CFG, SIZE, STEPS, bench_settings, ms
+from tests.bench.test_engine_bench import job as engine_bench_job
 
 pytestmark = pytest.mark.bench
 
-SIZE = 256
-STEPS = 20
-CFG = 7.0
 THREADS = 1
 BLOCK = 4
 ROUNDS = 6
@@ -104,20 +102,7 @@ class BareLoop:
 
 
 def job(side: str, index: int, seed: int) -> Text2Img:
-    prompt, negative = texts(side, seed)
-    return Text2Img(
-        job_id=f"{side}-{index}-{seed}",
-        prompt=prompt,
-        negative=negative,
-        steps=STEPS,
-        cfg=CFG,
-        seed=seed,
-        width=SIZE,
-        height=SIZE,
-        sampler="dpmpp_2m_karras",
-        refiner=False,
-        loras=((LORA, WEIGHT),),
-    )
+    return engine_bench_job(side, index, seed, words=texts, refiner=False, loras=((LORA, WEIGHT),))
 
 
 async def result_of(client: LocalEngineClient, spec: Text2Img) -> Result:

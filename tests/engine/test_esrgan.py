@@ -1,10 +1,11 @@
 """The optional ESRGAN upscaler (`[engine] upscaler = "x.safetensors"`, engine.upscale.SpandrelUpscaler)
 on tiny random Real-ESRGAN files written in Real-ESRGAN's own key layout (engine.tiny_esrgan).
 
-spandrel imports torchvision (for two other architectures). Where torchvision does not import
-beside the installed torch (PyPI's torchvision is a CUDA build; beside this machine's CPU torch
-2.13.0 it fails with "operator torchvision::nms does not exist"), these tests skip and say so.
-They run with a matching pair, e.g. torch 2.14.1 + torchvision 0.29.1, plus spandrel.
+spandrel imports torchvision (for two other architectures). No torchvision on the package index
+loads beside the CPU torch the venv pins (they are CUDA builds: "operator torchvision::nms does not
+exist"), so `make test` runs these tests a second time with a matching pair laid over the venv
+(`make test-upscalers`: torch 2.14.1 + torchvision 0.29.1 + spandrel); in the main run they skip and
+say so.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def spandrel() -> Any:
     try:
         import spandrel
     except ImportError as exc:
-        pytest.skip(f"spandrel is not installed ({exc}): pip install spandrel torchvision")
+        pytest.skip(f"spandrel is not installed ({exc}): `make test-upscalers` runs these tests")
     except RuntimeError as exc:  # torchvision's compiled operators do not load beside this torch
         pytest.skip(f"torchvision does not import beside torch {torch.__version__}: {exc}")
     return spandrel
