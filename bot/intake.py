@@ -26,13 +26,14 @@ from bot.blocklists import Blocklists
 from bot.buttons import progress_view
 from bot.delivery import Delivery
 from bot.errors import Refused
+from bot.inputs import FETCH_SECONDS, StoredInputs
 from bot.interactions import first_response
 from bot.loras import check_styling
 from bot.metrics import Metrics
 from bot.permissions import is_moderator, role_ids
 from bot.queue.scheduler import Scheduler
 from bot.render import QueueCard, queue_card, units
-from bot.storage import CONTROL, OutputStore, StorageError, result_images
+from bot.storage import CONTROL, OutputStore, StorageError
 from config.settings import Settings
 from db.ids import new_job_id
 from db.jobs import JobRecord, JobStore
@@ -45,7 +46,6 @@ from engine.options import MAX_SEED
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-ATTACHMENT_FETCH_SECONDS = 2.0
 # Admissions in flight at once. The ones that arrive together share one transaction (group
 # commit, db.admission), so a burst is a few transactions whatever its size; the bound only keeps
 # a flood from holding hundreds of requests' state at once.
@@ -108,10 +108,10 @@ class Intake:
         self.metrics = metrics
         self._accepting = accepting
         self._shares_guild = shares_guild
-        self._fetch = fetch  # downloads a Discord CDN URL with the bot's own HTTP client
         self._intake = asyncio.Semaphore(INTAKE_CONCURRENCY)
         self._decoding = asyncio.Semaphore(DECODE_CONCURRENCY)
         self._cooldown = MemberCooldown(settings.discord.cooldown_uses, settings.discord.cooldown_seconds)
+        self.inputs = StoredInputs(settings, jobs, outputs, fetch, self._decoding)
 
     # ------------------------------------------------------------------ the cheap refusals
     async def precheck(self, interaction: discord.Interaction, *texts: str) -> None:
@@ -221,10 +221,10 @@ class Intake:
         await self.check_quota(interaction, job.cost(validate.input_work_size(*reported, keep_resolution=keep)))
         async with self._decoding:
             try:
-                data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
+                data = await asyncio.wait_for(attachment.read(), FETCH_SECONDS)
             except (TimeoutError, discord.HTTPException):
                 raise Refused("I could not download your image in time: try again, or attach a smaller file.") from None
-            png, size = await self.prepare(data, upscale=False, keep_resolution=keep)
+            png, size = await self.inputs.prepare(data, upscale=False, keep_resolution=keep)
             job = replace(job, image=png)
             if then is not None:
                 job = await then(job, size)
@@ -241,19 +241,22 @@ class Intake:
         *,
         prompt: str | None = None,
         keep_resolution: bool = False,
+        carry_control: bool = False,
     ) -> None:
         """A job made from one of a finished job's images by a button. `build(parent's order,
         fields)` makes its spec; `fields` carries what it takes from the parent: the prompt (or
         `prompt`, a Remix's edited one), negative, cfg, sampler, model (the member's or the
         server's when the parent's is gone), the image's seed, and the image itself as the new job
-        will see it (`keep_resolution`: an edit's, see validate.input_work_size)."""
+        will see it (`keep_resolution`: an edit's, see validate.input_work_size). With
+        `carry_control` (Variations, V1…Vn, Vary Region), also the parent's ControlNet
+        (`parent_control`)."""
         parent_order = load_order(parent.kind, parent.params, job_id=parent.id)
         spec = parent_order.spec
         prompt = spec.prompt if prompt is None else prompt
         await self.precheck(interaction, prompt, spec.negative)
         async with self._decoding:
-            data = await self.parent_image(parent, index)
-            png, size = await self.prepare(data, upscale=action == "upscale", keep_resolution=keep_resolution)
+            data = await self.inputs.parent_image(parent, index)
+            png, size = await self.inputs.prepare(data, upscale=action == "upscale", keep_resolution=keep_resolution)
         seeds = parent.seeds or [spec.seed]
         fields: dict[str, Any] = {
             "job_id": "pending",
@@ -267,6 +270,8 @@ class Intake:
             "seed": seeds[min(index, len(seeds) - 1)],
             "image": png,
         }
+        if carry_control:
+            fields.update(await self.inputs.parent_control(parent, spec, keep_resolution=keep_resolution))
         job = build(parent_order, fields)
         await self.submit(interaction, JobOrder(job, parent=Parent(parent.id, action, index), input_size=size))
 
@@ -284,14 +289,14 @@ class Intake:
         if order.input_size is not None:
             keep = isinstance(spec, ImageJob) and spec.keep_resolution
             async with self._decoding:
-                data = await self.input_again(parent)
-                png, _ = await self.prepare(data, upscale=parent.kind == "upscale", keep_resolution=keep)
+                data = await self.inputs.input_again(parent)
+                png, _ = await self.inputs.prepare(data, upscale=parent.kind == "upscale", keep_resolution=keep)
             spec = replace(spec, image=png)  # type: ignore[call-arg]
-        if isinstance(spec, Text2Img) and spec.control:
+        if getattr(spec, "control", ""):
             async with self._decoding:
-                data = await self.control_again(order)
-                png, _ = await self.prepare(data, upscale=False)
-            spec = replace(spec, control_image=png)
+                data = await self.inputs.control_again(order, parent)
+                png, _ = await self.inputs.prepare(data, upscale=False)
+            spec = replace(spec, control_image=png)  # type: ignore[call-arg]
         again = replace(order, spec=spec, parent=Parent(parent.id, "reroll"))
         await self.submit(interaction, again)
 
@@ -314,86 +319,16 @@ class Intake:
         await self.check_quota(interaction, job.cost())
         async with self._decoding:
             try:
-                data = await asyncio.wait_for(attachment.read(), ATTACHMENT_FETCH_SECONDS)
+                data = await asyncio.wait_for(attachment.read(), FETCH_SECONDS)
             except (TimeoutError, discord.HTTPException):
                 raise Refused(
                     "I could not download your control image in time: try again, or attach a smaller file."
                 ) from None
             try:
-                png, _ = await self.prepare(data, upscale=False)
+                png, _ = await self.inputs.prepare(data, upscale=False)
             except validate.ValidationFailed as exc:
                 raise Refused(f"control_image: {exc.message}") from None
         await self.submit(interaction, JobOrder(replace(job, control_image=png), control_url=attachment.url, **order))
-
-    async def control_again(self, order: JobOrder) -> bytes:
-        """A ControlNet job's control image for its Reroll, fetched again where it was uploaded
-        (inputs are not kept; a Reroll's order keeps the original's URL)."""
-        if order.control_url:
-            try:
-                return bytes(await asyncio.wait_for(self._fetch(order.control_url), ATTACHMENT_FETCH_SECONDS))
-            except (TimeoutError, discord.HTTPException):
-                pass
-        raise Refused(
-            f"The control image of job `{order.spec.job_id}` is no longer available: run /generate again with it."
-        )
-
-    async def input_again(self, record: JobRecord) -> bytes:
-        """The image a finished image job started from: the image of the job it was made from (a
-        button; a Reroll's is its parent's), or the member's attachment on Discord (a command)."""
-        for _ in range(32):  # a chain of rerolls ends at a button or a command
-            order = load_order(record.kind, record.params, job_id=record.id)
-            if order.parent is None:
-                break
-            parent = await self.parent(order.parent.job)
-            if order.parent.action != "reroll":
-                return await self.parent_image(parent, order.parent.index or 0)
-            record = parent
-        if order.input_url:
-            try:
-                return bytes(await asyncio.wait_for(self._fetch(order.input_url), ATTACHMENT_FETCH_SECONDS))
-            except (TimeoutError, discord.HTTPException):
-                pass
-        raise Refused(
-            f"The image job `{record.id}` started from is no longer available: run the command again with the image."
-        )
-
-    async def parent(self, job_id: str) -> JobRecord:
-        record = await self.jobs.get(job_id)
-        if record is None:
-            raise Refused(f"Job `{job_id}` no longer exists.")
-        return record
-
-    async def parent_image(self, parent: JobRecord, index: int) -> bytes:
-        images = result_images(parent.images)
-        if parent.status != "done" or index >= len(images):
-            raise Refused(f"Job `{parent.id}` has no image {index + 1}.")
-        image = images[index]
-        data = None
-        if image.get("path"):
-            data = await asyncio.to_thread(self.outputs.read, image["path"])
-        if data is None and image.get("url"):
-            # The file was pruned: the image is still on Discord.
-            try:
-                data = await asyncio.wait_for(self._fetch(image["url"]), ATTACHMENT_FETCH_SECONDS)
-            except (TimeoutError, discord.HTTPException):
-                data = None
-        if data is None:
-            raise Refused(f"The image of job `{parent.id}` is no longer available.")
-        return bytes(data)
-
-    async def prepare(
-        self, data: bytes, *, upscale: bool, keep_resolution: bool = False
-    ) -> tuple[bytes, tuple[int, int]]:
-        gen = self.settings.generation
-        return await asyncio.to_thread(
-            validate.prepare_input_image,
-            data,
-            max_bytes=gen.max_attachment_bytes,
-            max_pixels=gen.max_attachment_pixels,
-            upscale_factor=2 if upscale else None,
-            upscale_max_side=gen.upscale_max_side,
-            keep_resolution=keep_resolution,
-        )
 
     # ------------------------------------------------------------------ into the queue
     async def submit(self, interaction: discord.Interaction, order: JobOrder) -> None:

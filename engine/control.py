@@ -1,4 +1,5 @@
-"""ControlNet for text2img: loading, the control map, and the pipeline over the base's modules.
+"""ControlNet: loading, the control map, and the pipeline over the base's modules; for text2img
+here, and for img2img and inpainting (Variations, Vary Region) with engine.control_edit's classes.
 
 Read top to bottom:
 
@@ -11,12 +12,13 @@ Read top to bottom:
 2. The control map (`control_map`). The member's upload is fitted to the job's size (scaled to
    cover it, centre-cropped: A1111's "Crop and Resize"), then edges (Canny), depth or pose are
    found on it (engine.annotators, here in the engine process), or, with `control_as_is`, the
-   upload already is the map.
+   upload already is the map (a controlled result's map, carried to its Variations and edits).
 3. The pipeline (`control_view`). diffusers' `StableDiffusionXLControlNetPipeline` (the Union
-   pipeline for a Union model) built over the base's OWN modules (a new object: nothing copied or
-   cast; `from_pipe` would cast the shared modules to one dtype), which engine.pipelines
-   `fresh_pipeline` then clones per call with its own scheduler. It ends at the base's
-   `denoising_end`, so the refiner takes the latents over as in any text2img job.
+   pipeline for a Union model; `Pipelines` names the pair, text2img's by default) built over the
+   base's OWN modules (a new object: nothing copied or cast; `from_pipe` would cast the shared
+   modules to one dtype), which engine.pipelines `fresh_pipeline` then clones per call with its
+   own scheduler. A text2img job's ends at the base's `denoising_end`, so the refiner takes the
+   latents over as in any text2img job.
 4. Exact batches. With several images, `PerImageUNet` runs the UNet once per image; the
    ControlNet is run the same way (`per_image`), so image i of a batch is exactly the image of the
    one-image job with seed+i.
@@ -27,6 +29,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import logging
 import time
@@ -49,7 +52,7 @@ from config.addons import ControlNetSettings, ModelSettings
 from config.settings import EngineSettings
 from engine import annotators
 from engine.callbacks import X0Tap
-from engine.jobs import Text2Img
+from engine.jobs.controlled import Controlled
 from engine.model_check import ModelCheck
 from engine.models import LoadedModel, ModelRegistry, _dtype_kwarg, quiet_progress
 from engine.options import CONTROL_MODULES
@@ -158,11 +161,14 @@ def _prepared(net: torch.nn.Module, engine: EngineSettings) -> torch.nn.Module:
 # --- 2. the control map ----------------------------------------------------------------------------
 
 
-def control_map(job: Text2Img, settings: ControlNetSettings, device: torch.device) -> Image.Image:
-    """What the ControlNet follows, at the job's size: the upload fitted (cover, centre crop), then
-    its edges, depth or pose, or itself when the member says it already is the map."""
+def control_map(
+    job: Controlled, settings: ControlNetSettings, device: torch.device, size: tuple[int, int]
+) -> Image.Image:
+    """What the ControlNet follows, at `size` (the job's): the upload fitted (cover, centre crop),
+    then its edges, depth or pose, or itself when the member says it already is the map."""
     with Image.open(io.BytesIO(job.control_image)) as upload:
-        fitted = ImageOps.fit(upload.convert("RGB"), (job.width, job.height), Image.Resampling.LANCZOS)
+        rgb = upload.convert("RGB")
+        fitted = rgb if rgb.size == size else ImageOps.fit(rgb, size, Image.Resampling.LANCZOS)
     if job.control_as_is:
         return fitted
     if job.control == "edges":
@@ -174,69 +180,112 @@ def control_map(job: Text2Img, settings: ControlNetSettings, device: torch.devic
 # --- 3. the pipeline -------------------------------------------------------------------------------
 
 
-def control_view(base: Any, net: torch.nn.Module, *, images: int = 1, exact: bool = True) -> Any:
+@dataclass(frozen=True)
+class Pipelines:
+    """The diffusers ControlNet pipeline classes of one kind of call: for a ControlNet, and for a
+    ControlNet-Union model."""
+
+    plain: type
+    union: type
+
+    def of(self, net: torch.nn.Module) -> Any:
+        return self.union if isinstance(net, ControlNetUnionModel) else self.plain
+
+
+TEXT2IMG = Pipelines(StableDiffusionXLControlNetPipeline, StableDiffusionXLControlNetUnionPipeline)
+
+
+def control_view(
+    base: Any, net: torch.nn.Module, *, images: int = 1, exact: bool = True, pipelines: Pipelines = TEXT2IMG
+) -> Any:
     """A ControlNet pipeline object over `base`'s modules and `net` (nothing copied or cast), for
-    engine.pipelines.fresh_pipeline to clone per call."""
-    union = isinstance(net, ControlNetUnionModel)
-    cls = StableDiffusionXLControlNetUnionPipeline if union else StableDiffusionXLControlNetPipeline
+    engine.pipelines.fresh_pipeline to clone per call. Its flags are `base`'s (the img2img and
+    inpainting pipelines' `requires_aesthetics_score` too)."""
+    cls = pipelines.of(net)
+    config = base.config
+    flags = {"force_zeros_for_empty_prompt": bool(config.get("force_zeros_for_empty_prompt", True))}
+    if "requires_aesthetics_score" in inspect.signature(cls.__init__).parameters:
+        flags["requires_aesthetics_score"] = bool(config.get("requires_aesthetics_score", False))
     view = cls(
         **base.components,
         controlnet=per_image(net, images) if exact and images > 1 else net,
-        force_zeros_for_empty_prompt=bool(base.config.get("force_zeros_for_empty_prompt", True)),
         add_watermarker=False,
+        **flags,
     )
     view.set_progress_bar_config(disable=True)
     return view
 
 
-def control_kwargs(
-    net: torch.nn.Module, settings: ControlNetSettings, image: Image.Image, job: Text2Img
-) -> dict[str, Any]:
-    """The ControlNet's arguments of one pipeline call."""
-    common = {
+def image_key(view: Any) -> str:
+    """The name a pipeline call takes the control image by: text2img's `image`, else
+    `control_image` (`image` there is the picture worked on)."""
+    return "control_image" if "control_image" in inspect.signature(type(view).__call__).parameters else "image"
+
+
+def steering(net: torch.nn.Module, settings: ControlNetSettings, job: Controlled) -> dict[str, Any]:
+    """The ControlNet's arguments of one pipeline call, but the control image."""
+    common: dict[str, Any] = {
         "controlnet_conditioning_scale": job.control_strength,
         "control_guidance_start": job.control_guidance_start,
         "control_guidance_end": job.control_guidance_end,
     }
     if isinstance(net, ControlNetUnionModel):
-        return {"control_image": [image], "control_mode": [settings.union_mode], **common}
-    return {"image": image, **common}
+        return {"control_mode": [settings.union_mode], **common}
+    return common
 
 
 class _ControlCallback:
-    """A step callback that also halves the control image when the CFG cutoff turns guidance off:
-    the pipeline doubled it for CFG and, unlike the prompt tensors, would keep it doubled."""
+    """A step callback that also halves the control image (`key`) when the CFG cutoff turns
+    guidance off: the pipeline doubled it for CFG and, unlike the prompt tensors, would keep it
+    doubled."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, key: str = "image") -> None:
         self.inner = inner
-        extra = ["image"] if inner.cfg_off_after is not None else []
+        self.key = key
+        self.cfg_off_after = inner.cfg_off_after
+        extra = [key] if inner.cfg_off_after is not None else []
         self.tensor_inputs = [*inner.tensor_inputs, *extra]
 
     def __call__(self, pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         guided = pipe.do_classifier_free_guidance
         kwargs = self.inner(pipe, i, t, kwargs)
-        if guided and not pipe.do_classifier_free_guidance and torch.is_tensor(kwargs.get("image")):
-            kwargs["image"] = kwargs["image"].chunk(2)[1]
+        if guided and not pipe.do_classifier_free_guidance and torch.is_tensor(kwargs.get(self.key)):
+            kwargs[self.key] = kwargs[self.key].chunk(2)[1]
         return kwargs
 
 
 @dataclass(frozen=True)
 class Control:
-    """A text2img job's ControlNet: the map it follows, the pipeline over the base, the call's
-    arguments and what its images say about it."""
+    """A job's ControlNet: the map it follows (at the job's size), the pipeline over the base,
+    the call's arguments and what its images say about it."""
 
     map: Image.Image
     view: Any
-    kwargs: dict[str, Any]
+    steer: dict[str, Any]
     params: Mapping[str, str] = field(default_factory=dict)
     union: bool = False
 
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The ControlNet's arguments of the pipeline call, the map included."""
+        return self.call_kwargs(self.map)
+
+    def call_kwargs(self, image: Image.Image) -> dict[str, Any]:
+        """The same with `image` as the map (an inpainting call's part of it)."""
+        return {image_key(self.view): [image] if self.union else image, **self.steer}
+
+    def cfg_off(self, cfg_off_after: int | None) -> int | None:
+        """The CFG cutoff a call with this ControlNet can take. The Union pipelines cannot be
+        handed a halved control image mid-call, so their steps keep guidance (no cutoff)."""
+        return None if self.union else cfg_off_after
+
+    def wrap(self, inner: Any) -> Any:
+        """A step callback (made with `cfg_off`) that also halves the control image."""
+        return inner if self.union else _ControlCallback(inner, image_key(self.view))
+
     def callback(self, steps: Any, *, planned: int, tap: X0Tap, cfg_off_after: int | None) -> Any:
-        """The base call's step callback. The Union pipeline cannot be handed a halved control
-        image mid-call, so its steps keep guidance (no CFG cutoff)."""
-        if self.union:
-            return steps.callback("base", planned=planned, tap=tap, cfg_off_after=None)
-        return _ControlCallback(steps.callback("base", planned=planned, tap=tap, cfg_off_after=cfg_off_after))
+        """The base call's step callback (see `cfg_off`)."""
+        return self.wrap(steps.callback("base", planned=planned, tap=tap, cfg_off_after=self.cfg_off(cfg_off_after)))
 
     def outputs(self, images: list[Generated]) -> list[Generated]:
         """The images with the ControlNet in their parameters, the map on the first."""
@@ -246,12 +295,24 @@ class Control:
         ]
 
 
-def prepare(runner: Any, model: LoadedModel, job: Text2Img, *, images: int) -> Control:
-    """Everything a text2img job's ControlNet needs, the control map made (in this process)."""
+def prepare(
+    runner: Any,
+    model: LoadedModel,
+    job: Controlled,
+    *,
+    images: int,
+    size: tuple[int, int],
+    base: Any = None,
+    pipelines: Pipelines = TEXT2IMG,
+) -> Control:
+    """Everything a job's ControlNet needs, the control map made (in this process) at `size`:
+    `pipelines` over `base` (the model's base by default)."""
     net, settings = controlnet_for(runner.registry, model, job.control)
     started = time.perf_counter()
-    image = control_map(job, settings, model.device)
-    log.info("job=%s control map (%s) in %.2f s", job.job_id, job.control, time.perf_counter() - started)
+    image = control_map(job, settings, model.device, size)
+    log.info(
+        "job=%s control map (%s) in %.2f s", getattr(job, "job_id", ""), job.control, time.perf_counter() - started
+    )
     module = "none" if job.control_as_is else CONTROL_MODULES[job.control]
     unit = controlnet_unit(
         module=module,
@@ -260,10 +321,13 @@ def prepare(runner: Any, model: LoadedModel, job: Text2Img, *, images: int) -> C
         guidance_start=job.control_guidance_start,
         guidance_end=job.control_guidance_end,
     )
+    view = control_view(
+        model.base if base is None else base, net, images=images, exact=runner.exact_batches, pipelines=pipelines
+    )
     return Control(
         map=image,
-        view=control_view(model.base, net, images=images, exact=runner.exact_batches),
-        kwargs=control_kwargs(net, settings, image, job),
+        view=view,
+        steer=steering(net, settings, job),
         params={CONTROL_PARAM: job.control, UNIT_PARAM: unit},
         union=isinstance(net, ControlNetUnionModel),
     )
@@ -373,14 +437,17 @@ def _label(source: str) -> str:
 
 
 __all__ = [
+    "TEXT2IMG",
     "Control",
+    "Pipelines",
     "check_controlnets",
     "check_fits",
-    "control_kwargs",
     "control_map",
     "control_view",
     "controlnet_for",
+    "image_key",
     "load_controlnet",
     "per_image",
     "prepare",
+    "steering",
 ]

@@ -21,6 +21,10 @@ every pixel where the (blurred) mask is 0 identical to the source. Read top to b
 
 With a plain 4-channel SDXL UNet the pipeline blends the re-noised source latents outside the mask
 after every step; a 9-channel inpainting UNet also gets the masked source's latents.
+
+With `control` (engine.control_edit: an edit made from a controlled result), step 4 is diffusers'
+ControlNet inpainting pipeline over the same modules, given the source as pixels (it encodes them
+as engine.vae does) and the control map cut to the work box and scaled to the work size.
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class _InpaintCallback:
 
     def __init__(self, inner: StepCallback) -> None:
         self.inner = inner
+        self.cfg_off_after = inner.cfg_off_after
         extra = ["mask", "masked_image_latents"] if inner.cfg_off_after is not None else []
         self.tensor_inputs = [*inner.tensor_inputs, *extra]
 
@@ -151,6 +156,7 @@ def inpaint(
     phase: Phase = "base",
     cfg_off_after: int | None = None,
     work_pixels: int = SDXL_PIXELS,
+    control: Any = None,
 ) -> list[Image.Image]:
     """Redo the white part of `mask` on `image` (an RGB source of any size) once per seed.
 
@@ -159,7 +165,8 @@ def inpaint(
     image to work on, given (it must hold the whole mask; Pan: the new strip and as much of the
     source for context), instead of the one `padding_mask_crop` finds. `steps_tracker`: progress,
     previews and cancellation (JobCancelled), sized by `inpaint_steps`. Same arguments → same
-    bytes; image i is the image of the one-seed call with seeds[i]."""
+    bytes; image i is the image of the one-seed call with seeds[i]. `control`: an
+    engine.control.Control whose map is at the source's size."""
     if not seeds:
         raise ValueError("at least one seed is needed")
     source = image.convert("RGB")
@@ -184,24 +191,33 @@ def inpaint(
 
     # 2. One pipeline call, all seeds batched (PerImageUNet keeps each image batch-independent).
     call_steps, planned = inpaint_steps(base_pipe, sampler, steps, strength)
-    pipe, tap = fresh_pipeline(inpaint_view(base_pipe), sampler, images=len(seeds))
+    pipe, tap = fresh_pipeline(inpaint_view(base_pipe) if control is None else control.view, sampler, images=len(seeds))
     cond = encode_prompt(base_pipe, prompt, negative, guidance=cfg > 1)
-    latents = encode_image(base_pipe, work_image)
     extra: dict[str, Any] = {}
-    if pipe.unet.config.in_channels == 9:  # an inpainting UNet also sees the masked source
+    if control is not None:
+        # The pipeline masks the source in pixel space (and encodes it as engine.vae does).
+        source_input: Any = work_image
+        hint = control.map.crop(box)
+        extra.update(control.call_kwargs(hint if hint.size == size else hint.resize(size, Image.Resampling.LANCZOS)))
+        cfg_off_after = control.cfg_off(cfg_off_after)
+    else:
+        source_input = encode_image(base_pipe, work_image)
+    if control is None and pipe.unet.config.in_channels == 9:  # an inpainting UNet also sees the masked source
         # As diffusers masks it: image · (mask < 0.5) in [-1, 1], i.e. the redo area mid-grey.
         keep = Image.fromarray(np.where(np.asarray(work_mask) < 128, 255, 0).astype(np.uint8), "L")
         masked = Image.composite(work_image, Image.new("RGB", size, (128, 128, 128)), keep)
         extra["masked_image_latents"] = encode_image(base_pipe, masked)
     if steps_tracker is not None:
-        callback = _InpaintCallback(
+        callback: Any = _InpaintCallback(
             steps_tracker.callback(phase, planned=planned, tap=tap, cfg_off_after=cfg_off_after)
         )
+        if control is not None:
+            callback = control.wrap(callback)
         extra["callback_on_step_end"] = callback
         extra["callback_on_step_end_tensor_inputs"] = callback.tensor_inputs
     out = pipe(
         **cond.pipeline_kwargs(),
-        image=latents,
+        image=source_input,
         mask_image=work_mask,
         width=size[0],
         height=size[1],
@@ -241,11 +257,13 @@ def run_job(
     blur: int,
     padding_mask_crop: int | None = None,
     work_box: Box | None = None,
+    control: Any = None,
 ) -> list[Generated]:
     """An editing job's inpainting call (Vary Region, Zoom Out, Pan): on the model's dedicated
     inpainting pipeline when the operator configured one, else on the base's own modules; one
-    image per `image_seeds` seed, progress, previews, CFG cutoff and cancellation like every kind."""
-    pipe = model.inpaint if getattr(model, "inpaint", None) is not None else model.base
+    image per `image_seeds` seed, progress, previews, CFG cutoff and cancellation like every kind.
+    `control`: an engine.control.Control over `inpaint_source(model)`, its map at the image's size."""
+    pipe = inpaint_source(model)
     seeds = image_seeds(job.seed, job.image_count)
     _, planned = inpaint_steps(pipe, job.sampler, job.steps, job.strength)
     steps = track(planned)
@@ -265,14 +283,22 @@ def run_job(
         work_box=work_box,
         steps_tracker=steps,
         cfg_off_after=runner.cfg_cutoff_step(planned, job.cfg),
+        control=control,
     )
-    return [Generated(result, seed) for result, seed in zip(images, seeds, strict=True)]
+    made = [Generated(result, seed) for result, seed in zip(images, seeds, strict=True)]
+    return made if control is None else control.outputs(made)
+
+
+def inpaint_source(model: Any) -> Any:
+    """The pipeline a model inpaints with: its dedicated inpainting checkpoint, else its base."""
+    return model.inpaint if getattr(model, "inpaint", None) is not None else model.base
 
 
 __all__ = [
     "LATENT_CELL",
     "denoise_mask",
     "inpaint",
+    "inpaint_source",
     "inpaint_steps",
     "inpaint_view",
     "run_job",

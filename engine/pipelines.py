@@ -419,17 +419,26 @@ class Runner:
         phase: Phase,
         strength: float,
         track: Callable[[int], JobSteps],
+        control: Any = None,
     ) -> list[Image.Image]:
-        """One batched img2img call: `len(seeds)` images from one input image."""
+        """One batched img2img call: `len(seeds)` images from one input image. `control`: an
+        engine.control.Control over `source` (its ControlNet img2img pipeline), its map at the
+        image's size."""
         call_steps = img2img_call_steps(job.steps, strength)
         planned = planned_steps(source, job.sampler, call_steps, strength=strength)
         steps = track(planned)
         cfg_off = self.cfg_cutoff_step(planned, job.cfg)
 
-        pipe, tap = fresh_pipeline(source, job.sampler, images=len(seeds), exact=self.exact_batches)
+        view = source if control is None else control.view
+        pipe, tap = fresh_pipeline(view, job.sampler, images=len(seeds), exact=self.exact_batches)
         cond = encode_prompt(source, job.prompt, job.negative, guidance=job.cfg > 1)
         latents = encode_image(source, image)
-        callback = steps.callback(phase, planned=planned, tap=tap, cfg_off_after=cfg_off)
+        if control is None:
+            callback = steps.callback(phase, planned=planned, tap=tap, cfg_off_after=cfg_off)
+        else:
+            callback = control.wrap(
+                steps.callback(phase, planned=planned, tap=tap, cfg_off_after=control.cfg_off(cfg_off))
+            )
         latents = pipe(
             **cond.pipeline_kwargs(),
             image=latents,
@@ -443,6 +452,7 @@ class Runner:
             output_type="latent",
             callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+            **(control.kwargs if control is not None else {}),
             **micro_conditioning(image.width, image.height),
         ).images
         steps.check_cancelled()

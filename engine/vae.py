@@ -57,9 +57,15 @@ def vae_tiling(vae: Any, enabled: bool) -> Iterator[None]:
 def encode_image(pipe: Any, image: Image.Image) -> torch.Tensor:
     """RGB image → scaled latents (1, 4, h/8, w/8) in the UNet's dtype. Uses the latent
     distribution's mean: no randomness, so the per-image generators only drive the noise."""
+    return encode_pixels(pipe, pipe.image_processor.preprocess(image, height=image.height, width=image.width))
+
+
+@torch.inference_mode()
+def encode_pixels(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, h, w) in [-1, 1], as the pipeline's image processor makes them → scaled
+    latents, as `encode_image`."""
     vae = pipe.vae
     dtype = accel.decode_dtype(pipe)
-    pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
     with _vae_precision(vae, dtype):
         latents = retrieve_latents(vae.encode(pixels.to(vae.device, dtype)), sample_mode="argmax")
     config = vae.config
@@ -84,4 +90,4 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     return images
 
 
-__all__ = ["decode_latents", "encode_image", "open_image", "vae_tiling"]
+__all__ = ["decode_latents", "encode_image", "encode_pixels", "open_image", "vae_tiling"]

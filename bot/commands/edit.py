@@ -24,7 +24,8 @@ from bot import remix
 from bot.buttons import GREY, INDEX, JOB_ID, OtherItems, ResultButton
 from bot.commands.common import atelier, lora_autocomplete, model_autocomplete
 from bot.errors import Refused
-from bot.intake import ATTACHMENT_FETCH_SECONDS, random_seed
+from bot.inputs import FETCH_SECONDS
+from bot.intake import random_seed
 from bot.interactions import guarded, say
 from bot.loras import LORA_HELP, with_loras
 from bot.permissions import serves
@@ -78,12 +79,23 @@ async def from_result(
     target: remix.Target,
     prompt: str | None,
     build: Callable[[JobOrder, dict[str, Any]], Job],
+    *,
+    carry_control: bool = False,
 ) -> None:
-    """An editing job made from a result's image by a button (the image at its own resolution)."""
+    """An editing job made from a result's image by a button (the image at its own resolution).
+    `carry_control`: Vary Region keeps a controlled result's ControlNet (Intake.parent_control);
+    Zoom Out and Pan change the canvas, which the map no longer fits."""
     intake = atelier(interaction).wiring.intake
-    parent = await intake.parent(target.job_id)
+    parent = await intake.inputs.parent(target.job_id)
     await intake.from_parent(
-        interaction, parent, target.index, target.action, build, prompt=prompt, keep_resolution=True
+        interaction,
+        parent,
+        target.index,
+        target.action,
+        build,
+        prompt=prompt,
+        keep_resolution=True,
+        carry_control=carry_control,
     )
 
 
@@ -175,7 +187,7 @@ class Editing(commands.Cog):
             """The mask, downloaded once the image is in and decoded at the image's fitted size
             (same caps as images), kept in the job as a PNG."""
             try:
-                data = await asyncio.wait_for(mask.read(), ATTACHMENT_FETCH_SECONDS)
+                data = await asyncio.wait_for(mask.read(), FETCH_SECONDS)
             except (TimeoutError, discord.HTTPException):
                 raise Refused("I could not download your mask in time: try again, or attach a smaller file.") from None
             decoded = await asyncio.to_thread(
@@ -246,7 +258,7 @@ async def vary_region(interaction: discord.Interaction, target: remix.Target, pr
     def build(parent: JobOrder, fields: dict[str, Any]) -> Job:
         return Edit(**result_fields(interaction, parent, fields), regions=regions)
 
-    await from_result(interaction, target, prompt, build)
+    await from_result(interaction, target, prompt, build, carry_control=True)
 
 
 async def setup(bot: AtelierBot) -> None:

@@ -125,15 +125,16 @@ class VariationsButton(ResultButton, template=rf"atelier:variations:{JOB_ID}:{IN
 
 
 async def variations(interaction: discord.Interaction, target: remix.Target, prompt: str | None) -> None:
-    """Variations / V1…Vn: four variations of the image, with Remix's prompt when edited."""
+    """Variations / V1…Vn: four variations of the image, with Remix's prompt when edited; a
+    controlled result's go on following its control map (Intake.parent_control)."""
     intake = atelier(interaction).wiring.intake
 
     def build(parent: JobOrder, fields: dict[str, Any]) -> Job:
         limit = intake.image_byte_limit(interaction, VARIATIONS_COUNT)
         return Variations(**{**fields, "seed": random_seed()}, steps=parent.spec.steps, max_image_bytes=limit)
 
-    parent = await intake.parent(target.job_id)
-    await intake.from_parent(interaction, parent, target.index, target.action, build, prompt=prompt)
+    parent = await intake.inputs.parent(target.job_id)
+    await intake.from_parent(interaction, parent, target.index, target.action, build, prompt=prompt, carry_control=True)
 
 
 class RefineButton(ResultButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
@@ -144,7 +145,7 @@ class RefineButton(ResultButton, template=rf"atelier:refine:{JOB_ID}:{INDEX}$"):
         bot = atelier(interaction)
 
         async def work() -> None:
-            parent = await bot.wiring.intake.parent(self.job_id)
+            parent = await bot.wiring.intake.inputs.parent(self.job_id)
             await bot.wiring.intake.from_parent(
                 interaction, parent, self.index, self.action, lambda p, fields: Refine(**fields, steps=p.spec.steps)
             )

@@ -25,7 +25,7 @@ class RerollButton(ResultButton, template=rf"atelier:reroll:{JOB_ID}$"):
 
 async def reroll(interaction: discord.Interaction, target: remix.Target, prompt: str | None) -> None:
     intake = atelier(interaction).wiring.intake
-    await intake.reroll(interaction, await intake.parent(target.job_id), prompt=prompt)
+    await intake.reroll(interaction, await intake.inputs.parent(target.job_id), prompt=prompt)
 
 
 class DeleteButton(ResultButton, template=rf"atelier:delete:{JOB_ID}$"):

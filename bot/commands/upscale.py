@@ -30,7 +30,7 @@ class UpscaleButton(ResultButton, template=rf"atelier:upscale:{JOB_ID}:{INDEX}$"
             return Upscale(**fields, strength=gen.upscale_strength, steps=gen.upscale_steps, max_image_bytes=limit)
 
         async def work() -> None:
-            parent = await bot.wiring.intake.parent(self.job_id)
+            parent = await bot.wiring.intake.inputs.parent(self.job_id)
             await bot.wiring.intake.from_parent(interaction, parent, self.index, self.action, build)
 
         await guarded(interaction, work)

@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 # 1.0 compute unit = one 1024×1024 image denoised for 30 steps (see JobBase.cost).
 REFERENCE_PIXELS = 1024 * 1024
 REFERENCE_STEPS = 30
+# Fields never in the stored parameters: the id is the row's, the images are in the inputs folder.
+STORED_APART = frozenset({"job_id", "image", "control_image"})
 
 
 def units(pixels: int, steps: int, images: int = 1) -> float:
@@ -150,14 +152,15 @@ class JobBase:
 
     # ------------------------------------------------------------------ storage
     def to_params(self) -> dict[str, Any]:
-        """Every field but the id and the image bytes (the image lives in the inputs folder)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("job_id", "image")}
+        """Every field but the id and the image bytes (the image, and a control image, live in the
+        inputs folder)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in STORED_APART}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, job_id: str, image: bytes | None = None) -> Self:
         """A job from stored parameters; keys that are not fields (provenance, keys of a later
         schema) are left out."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"job_id", "image"}
+        names = {f.name for f in dataclasses.fields(cls)} - STORED_APART
         kwargs = {key: value for key, value in params.items() if key in names}
         if "loras" in kwargs:  # JSON keeps the pairs as lists
             kwargs["loras"] = tuple((str(name), float(weight)) for name, weight in kwargs["loras"])

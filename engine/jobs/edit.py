@@ -2,7 +2,8 @@
 
 The part to redo is either grid regions (`regions`: the /edit `region` option, the Vary Region
 picker) or the member's own mask (`mask`: PNG bytes, white = redo, already decoded and checked by
-engine.masks.decode_mask at the source's fitted size). A job has exactly one of the two.
+engine.masks.decode_mask at the source's fitted size). A job has exactly one of the two. Made
+from a controlled result, it carries that result's ControlNet (engine.jobs.controlled).
 
 Price: pixels denoised × steps run. An edit is denoised at SDXL's ~1 MP at most (a larger source
 is worked on around its region, engine.inpaint), so the pixels are the source's, capped at that.
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Self
 
 from engine import validate
 from engine.jobs.base import ImageJob, JobKind, Limits, img2img_steps, units
+from engine.jobs.controlled import Controlled
 from engine.masks import REGIONS, decode_mask, region_mask
 
 EDIT_STRENGTH = 0.9  # the contract's default
@@ -50,7 +52,7 @@ def check_regions(regions: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Edit(ImageJob):
+class Edit(ImageJob, Controlled):
     strength: float = EDIT_STRENGTH
     regions: tuple[str, ...] = ()
     mask: bytes = field(default=b"", repr=False)
@@ -65,6 +67,7 @@ class Edit(ImageJob):
 
     def check(self, limits: Limits) -> None:
         super().check(limits)
+        self.check_control(limits)
         if not self.regions and not self.mask:
             raise validate.ValidationFailed("mask", NO_AREA)
         if self.regions and self.mask:
@@ -86,7 +89,7 @@ class Edit(ImageJob):
         return {"strength": self.strength, "kind": self.kind, "region": self.area, "mask_blur": MASK_BLUR}
 
     def result_fields(self) -> dict[str, str]:
-        return {"Region": self.area}
+        return {"Region": self.area, **self.control_result_fields()}
 
     # ------------------------------------------------------------------ storage
     # The mask travels in the stored job (base64 PNG; a drawn mask is a few KB), so it survives a

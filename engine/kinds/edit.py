@@ -10,7 +10,8 @@ from typing import Any
 from PIL import Image
 
 from engine.callbacks import JobSteps
-from engine.inpaint import run_job
+from engine.control_edit import prepare_inpaint
+from engine.inpaint import inpaint_source, run_job
 from engine.jobs import Edit
 from engine.jobs.edit import MASK_BLUR
 from engine.masks import region_mask
@@ -33,6 +34,10 @@ def run(runner: Runner, model: Any, job: Edit, track: Callable[[int], JobSteps])
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
 
-    # 2. Inpaint: the whole image at SDXL size, or a larger one around its region.
+    # 2. A controlled result's ControlNet, its map at the source's size (engine.control_edit).
+    control = prepare_inpaint(runner, model, job, base=inpaint_source(model), images=job.image_count, size=image.size)
+
+    # 3. Inpaint: the whole image at SDXL size, or a larger one around its region.
     large = image.width * image.height > SDXL_PIXELS
-    return run_job(runner, model, job, image, mask, track, blur=MASK_BLUR, padding_mask_crop=CONTEXT if large else None)
+    crop = CONTEXT if large else None
+    return run_job(runner, model, job, image, mask, track, blur=MASK_BLUR, padding_mask_crop=crop, control=control)

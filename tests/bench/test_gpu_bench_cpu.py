@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,3 +110,37 @@ def test_dependency_list_and_wheel_specs() -> None:
     check = _run("--check-deps", timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr  # everything needed is installed here
     assert "diffusers" in check.stdout and "missing" not in check.stdout.split("spandrel")[0]
+
+
+# Project dependencies whose import name is not their distribution's name.
+IMPORT_NAMES = {"pillow": "PIL", "google-re2": "re2", "opencv-python-headless": "cv2", "discord.py": "discord"}
+IMPORTED = """
+import importlib, pkgutil, sys
+sys.path.insert(0, "scripts")
+import engine, gpubench.cli, gpubench.extras, gpubench.harness, gpubench.sections
+for info in pkgutil.walk_packages(engine.__path__, "engine."):
+    if not info.name.startswith(("engine.ray", "engine.tiny_esrgan")):  # not on the bench's path
+        importlib.import_module(info.name)
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_every_dependency_the_engine_imports_is_on_the_gpu_machine_or_carried() -> None:
+    """A package the engine imports but the GPU machine lacks would end a lease at its first
+    import: each must be the machine's own (deps.PROVIDED) or carried (deps.WHEELS)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpubench import deps
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    proc = subprocess.run([sys.executable, "-c", IMPORTED], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = set(proc.stdout.split())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    covered = {module for _, module in deps.PROVIDED} | {w.module for w in deps.WHEELS}
+    covered |= {module for _, module, _ in deps.OPTIONAL_PROVIDED}
+    for requirement in project:
+        name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower()
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        if module in imported:
+            assert module in covered, f"the engine imports {module} ({name}): add it to scripts/gpubench/deps.py"
