@@ -21,10 +21,10 @@ would be too much for fp32, so modules are created in the target dtype there as 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from engine.tiny import BOS, EOS, tokenizer_files, write_tokenizer
+from engine.tiny import BOS, EOS, assemble_pipelines, load_tokenizers, save_pipeline, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,6 @@ def parameter_counts(configs: Configs | None = None) -> dict[str, int]:
     return {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
 
 
-def _tokenizers(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tuple[Any, Any]:
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # CLIP-L pads with EOS, bigG with "!" (id 0), as in SDXL.
-        write_tokenizer(Path(tmp, "1"), vocab, merges, pad_token=EOS)
-        write_tokenizer(Path(tmp, "2"), vocab, merges, pad_token="!")
-        return CLIPTokenizer.from_pretrained(Path(tmp, "1")), CLIPTokenizer.from_pretrained(Path(tmp, "2"))
-
-
 def build_fullsize_pipelines(
     configs: Configs | None = None,
     *,
@@ -161,48 +151,17 @@ def build_fullsize_pipelines(
 ) -> tuple[Any, Any, TokenizerFiles]:
     """(StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, (vocab, merges)) in memory;
     the refiner shares the base's text_encoder_2, tokenizer_2 and VAE."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
     configs = configs or load_configs()
     vocab_size = configs["text_encoder"]["vocab_size"]
     if configs["text_encoder_2"]["vocab_size"] != vocab_size:
         raise ValueError("both text encoders must share the tokenizer's vocabulary size")
     vocab, merges = fullsize_tokenizer_files(vocab_size)
-    tokenizer, tokenizer_2 = _tokenizers(vocab, merges)
     modules = build_modules(configs, device, dtype, seed)
-    base = StableDiffusionXLPipeline(
-        vae=modules["vae"],
-        text_encoder=modules["text_encoder"],
-        text_encoder_2=modules["text_encoder_2"],
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=modules["unet"],
-        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=modules["vae"],
-        text_encoder=None,
-        text_encoder_2=modules["text_encoder_2"],
-        tokenizer=None,
-        tokenizer_2=tokenizer_2,
-        unet=modules["refiner_unet"],
-        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-        add_watermarker=False,
-    )
+    scheduler = functools.partial(EulerDiscreteScheduler.from_config, configs["scheduler"])
+    base, refiner = assemble_pipelines(modules, load_tokenizers(vocab, merges), scheduler)
     return base, refiner, (vocab, merges)
-
-
-def _save(pipe: Any, folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
-    pipe.save_pretrained(folder, safe_serialization=True)
-    # CLIP's own file layout (vocab.json + merges.txt), as engine.tiny writes it: loads under
-    # transformers 4.x and 5.x alike.
-    if getattr(pipe, "tokenizer", None) is not None:
-        write_tokenizer(folder / "tokenizer", vocab, merges, pad_token=EOS)
-    write_tokenizer(folder / "tokenizer_2", vocab, merges, pad_token="!")
 
 
 @dataclass(frozen=True)
@@ -250,8 +209,8 @@ def build_fullsize_sdxl(
             if (path / name).exists():
                 shutil.rmtree(path / name)
         path.mkdir(parents=True, exist_ok=True)
-        _save(base, path / "base", vocab, merges)
-        _save(refiner, path / "refiner", vocab, merges)
+        save_pipeline(base, path / "base", vocab, merges)
+        save_pipeline(refiner, path / "refiner", vocab, merges)
     del base, refiner
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,14 +235,58 @@ def _scheduler() -> Any:
 TokenizerFiles = tuple[dict[str, int], list[tuple[str, str]]]
 
 
+def load_tokenizers(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tuple[Any, Any]:
+    """SDXL's two CLIP tokenizers over one vocabulary: CLIP-L pads with EOS, bigG with "!" (id 0)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp, "1"), vocab, merges, pad_token=EOS)
+        write_tokenizer(Path(tmp, "2"), vocab, merges, pad_token="!")
+        return CLIPTokenizer.from_pretrained(Path(tmp, "1")), CLIPTokenizer.from_pretrained(Path(tmp, "2"))
+
+
+def assemble_pipelines(
+    modules: Mapping[str, Any], tokenizers: tuple[Any, Any], scheduler: Callable[[], Any]
+) -> tuple[Any, Any]:
+    """The base and refiner pipelines over `modules` (text_encoder, text_encoder_2, unet, vae,
+    refiner_unet), each with a `scheduler()` of its own; the refiner shares the base's
+    text_encoder_2, tokenizer_2 and VAE, as SDXL's do."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = tokenizers
+    base = StableDiffusionXLPipeline(
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules["text_encoder_2"],
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=modules["unet"],
+        scheduler=scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=modules["vae"],
+        text_encoder=None,
+        text_encoder_2=modules["text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        unet=modules["refiner_unet"],
+        scheduler=scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    return base, refiner
+
+
 def build_tiny_pipelines(seed: int = 0) -> tuple[Any, Any, TokenizerFiles]:
     """The tiny base and refiner pipelines in memory (fp32, CPU), weights drawn from `seed`.
 
     Returns (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, (vocab, merges)); the
     refiner shares the base's text_encoder_2, tokenizer_2 and VAE. The global RNG is left untouched.
     """
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     vocab, merges = tokenizer_files()
     eos_id, bos_id = vocab[EOS], vocab[BOS]
@@ -264,42 +309,20 @@ def build_tiny_pipelines(seed: int = 0) -> tuple[Any, Any, TokenizerFiles]:
     finally:
         torch.random.set_rng_state(generator_state)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp, "1"), vocab, merges, pad_token=EOS)
-        write_tokenizer(Path(tmp, "2"), vocab, merges, pad_token="!")
-        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp, "1"))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(tmp, "2"))
-
-    modules = (text_encoder, text_encoder_2, unet, vae, refiner_unet)
-    for module in modules:
+    modules = {
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "unet": unet,
+        "vae": vae,
+        "refiner_unet": refiner_unet,
+    }
+    for module in modules.values():
         module.eval().requires_grad_(False)
-    base = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_scheduler(),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=vae,
-        text_encoder=None,
-        text_encoder_2=text_encoder_2,
-        tokenizer=None,
-        tokenizer_2=tokenizer_2,
-        unet=refiner_unet,
-        scheduler=_scheduler(),
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-        add_watermarker=False,
-    )
+    base, refiner = assemble_pipelines(modules, load_tokenizers(vocab, merges), _scheduler)
     return base, refiner, (vocab, merges)
 
 
-def _save_pipeline(pipe: Any, folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+def save_pipeline(pipe: Any, folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)
     # Write the tokenizers in CLIP's own file layout (vocab.json + merges.txt) rather than the
     # transformers-5-only tokenizer.json, so the folders load under transformers 4.x too.
@@ -334,8 +357,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0, *, addons: bool = True) -> None:
             if (path / name).exists():
                 shutil.rmtree(path / name)
         path.mkdir(parents=True, exist_ok=True)
-        _save_pipeline(base, path / "base", vocab, merges)
-        _save_pipeline(refiner, path / "refiner", vocab, merges)
+        save_pipeline(base, path / "base", vocab, merges)
+        save_pipeline(refiner, path / "refiner", vocab, merges)
 
     single = path / "single"
     single.mkdir()
