@@ -130,24 +130,16 @@ class LocalEngineClient(EngineProcess):
     def submit(self, job: Job) -> AsyncIterator[Progress | Result]:
         """Queue `job`; the iterator yields Progress then one Result, or raises EngineError /
         JobCancelled. The job is registered (and cancellable) as soon as this returns."""
-        if self._closed:
-            return JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True))
-        self._bind_loop()
-        if job.job_id in self._jobs:
-            return JobStream(self.cancel, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
-        state = _JobState(job)
-        self._jobs[job.job_id] = state
-        if self._ready:
-            self._send_jobs([state])
-        else:
-            self._start_in_background()
-        return JobStream(self.cancel, state)
+        return self._submit([job])[0]
 
     def submit_batch(self, jobs: Sequence[Job]) -> list[AsyncIterator[Progress | Result]]:
         """`submit` for jobs of one shape run as ONE batched call: one stream per job, in order.
         A job refused at submit time (a duplicate id) raises from its stream and stays out."""
-        if self._closed or len(jobs) <= 1:
-            return [self.submit(job) for job in jobs]
+        return self._submit(jobs)
+
+    def _submit(self, jobs: Sequence[Job]) -> list[AsyncIterator[Progress | Result]]:
+        if self._closed:
+            return [JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True)) for _ in jobs]
         self._bind_loop()
         streams: list[AsyncIterator[Progress | Result]] = []
         states: list[_JobState] = []
@@ -159,8 +151,11 @@ class LocalEngineClient(EngineProcess):
             state = self._jobs[job.job_id] = _JobState(job)
             states.append(state)
             streams.append(JobStream(self.cancel, state))
-        for state in states:
-            state.batch = tuple(member.job.job_id for member in states)
+        if len(jobs) > 1:
+            for state in states:
+                state.batch = tuple(member.job.job_id for member in states)
+        if not states:
+            return streams
         if self._ready:
             self._send_jobs(states)
         else:

@@ -163,26 +163,16 @@ class RayEngineClient:
         await asyncio.shield(self._start_task)
 
     def submit(self, job: Job) -> AsyncIterator[Progress | Result]:
-        if self._closed:
-            return JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True))
-        self._bind_loop()
-        if job.job_id in self._jobs:
-            return JobStream(self.cancel, None, EngineError(f"Job {job.job_id} is already submitted.", retryable=False))
-        call = _Call(job)
-        self._jobs[job.job_id] = call
-        self._waiting.append(call)
-        if self._ready:
-            self._dispatch()
-        elif self._start_task is None or self._start_task.done():
-            # Started in the background; a start that fails fails the waiting jobs (retried at the next submit).
-            self._start_task = asyncio.get_running_loop().create_task(self._connect())
-            self._start_task.add_done_callback(retrieve_exception)
-        return JobStream(self.cancel, call)
+        return self._submit([job])[0]
 
     def submit_batch(self, jobs: Sequence[Job]) -> list[AsyncIterator[Progress | Result]]:
-        """`submit` for jobs of one shape run as ONE Serve call: one stream per job, in order."""
-        if self._closed or len(jobs) <= 1:
-            return [self.submit(job) for job in jobs]
+        """`submit` for jobs of one shape run as ONE Serve call: one stream per job, in order. A
+        job refused at submit time (a duplicate id) raises from its stream and stays out."""
+        return self._submit(jobs)
+
+    def _submit(self, jobs: Sequence[Job]) -> list[AsyncIterator[Progress | Result]]:
+        if self._closed:
+            return [JobStream(self.cancel, None, EngineError("The engine is shut down.", retryable=True)) for _ in jobs]
         self._bind_loop()
         streams: list[AsyncIterator[Progress | Result]] = []
         calls: list[_Call] = []
@@ -194,13 +184,17 @@ class RayEngineClient:
             call = self._jobs[job.job_id] = _Call(job)
             calls.append(call)
             streams.append(JobStream(self.cancel, call))
-        calls[0].members = calls
-        for call in calls:
-            call.batch = calls[0]
+        if not calls:
+            return streams
+        if len(jobs) > 1:
+            calls[0].members = calls
+            for call in calls:
+                call.batch = calls[0]
         self._waiting.append(calls[0])
         if self._ready:
             self._dispatch()
         elif self._start_task is None or self._start_task.done():
+            # Started in the background; a start that fails fails the waiting jobs (retried at the next submit).
             self._start_task = asyncio.get_running_loop().create_task(self._connect())
             self._start_task.add_done_callback(retrieve_exception)
         return streams
